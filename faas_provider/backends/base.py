@@ -1,0 +1,123 @@
+"""The one seam between the HTTP contract and a backend: the `Backend` protocol and its errors.
+
+The API layer speaks only to this protocol; the local backend (processes on this machine) and
+the Kubernetes backend implement it. Errors carry the HTTP status the API answers with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from faas_provider.models import FunctionDeployment, FunctionStatus, LogMessage, Secret
+
+
+class ProviderError(Exception):
+    """An error the API turns into an HTTP answer with `status` and the message as body."""
+
+    status = 500
+
+
+class InvalidRequest(ProviderError):
+    """The request is well-formed JSON but asks for something that cannot be done (400)."""
+
+    status = 400
+
+
+class NotFound(ProviderError):
+    """The function, secret or namespace does not exist (404)."""
+
+    status = 404
+
+
+class Conflict(ProviderError):
+    """The function, secret or namespace exists already, or is in use (409)."""
+
+    status = 409
+
+
+class Unavailable(ProviderError):
+    """The function exists but no replica can take the request now (503)."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    """What GET /system/logs asked for."""
+
+    name: str
+    namespace: str
+    instance: str | None = None
+    tail: int | None = None
+    since: datetime | None = None
+    follow: bool = False
+
+
+class Backend(Protocol):
+    """What a backend provides to the provider API. Every method may raise a ProviderError."""
+
+    orchestration: str
+
+    async def start(self) -> None:
+        """Restore state and start what was running before."""
+
+    async def close(self) -> None:
+        """Stop everything the backend started (replicas keep their desired counts on disk)."""
+
+    async def list_functions(self, namespace: str) -> list[FunctionStatus]:
+        """Every function of `namespace`."""
+
+    async def get_function(self, name: str, namespace: str) -> FunctionStatus:
+        """One function's status; NotFound when unknown."""
+
+    async def deploy(self, deployment: FunctionDeployment) -> None:
+        """Create a function; Conflict when it exists, InvalidRequest when it cannot run."""
+
+    async def update(self, deployment: FunctionDeployment) -> None:
+        """Replace an existing function's spec; NotFound when unknown."""
+
+    async def delete(self, name: str, namespace: str) -> None:
+        """Remove a function and its replicas; NotFound when unknown."""
+
+    async def scale(self, name: str, namespace: str, replicas: int) -> None:
+        """Set the desired replica count; NotFound when unknown."""
+
+    async def list_namespaces(self) -> list[str]:
+        """Namespaces functions may be deployed to."""
+
+    async def get_namespace(self, name: str) -> dict[str, object]:
+        """A namespace with its labels and annotations; NotFound when unknown."""
+
+    async def create_namespace(
+        self, name: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> None:
+        """Create a namespace; Conflict when it exists."""
+
+    async def update_namespace(
+        self, name: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> None:
+        """Replace a namespace's labels and annotations; NotFound when unknown."""
+
+    async def delete_namespace(self, name: str) -> None:
+        """Delete an empty namespace; NotFound when unknown, Conflict while functions use it."""
+
+    async def list_secrets(self, namespace: str) -> list[Secret]:
+        """Secret names of `namespace`, without values."""
+
+    async def create_secret(self, secret: Secret) -> None:
+        """Create a secret; Conflict when it exists."""
+
+    async def update_secret(self, secret: Secret) -> None:
+        """Replace a secret's value; NotFound when unknown."""
+
+    async def delete_secret(self, name: str, namespace: str) -> None:
+        """Delete a secret; NotFound when unknown."""
+
+    def logs(self, query: LogQuery) -> AsyncIterator[LogMessage]:
+        """Log lines of a function's replicas, then (with follow) new ones as they come."""
+
+    async def resolve(self, name: str, namespace: str) -> str:
+        """Base URL of a ready replica; NotFound when unknown, Unavailable when none is ready."""

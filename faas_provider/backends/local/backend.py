@@ -1,0 +1,438 @@
+"""The local backend (the embedded default): each replica is a runtime process on this machine.
+
+State (functions, desired replica counts, namespaces, secrets) lives in the state directory and
+is restored on start. A function's secrets are written, mode 0600, to its own directory
+`<state>/mounts/<namespace>/<name>/secrets/`, whose path the replica gets as
+`secret_mount_path`; one machine has no per-process view of /var/openfaas/secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from faas_provider.backends.base import (
+    Conflict,
+    InvalidRequest,
+    LogQuery,
+    NotFound,
+    Unavailable,
+)
+from faas_provider.backends.local.launch import launch_spec
+from faas_provider.backends.local.logs import LogStore
+from faas_provider.backends.local.replica import Replica
+from faas_provider.backends.local.state import (
+    StateStore,
+    StoredFunction,
+    StoredNamespace,
+)
+from faas_provider.models import (
+    FunctionDeployment,
+    FunctionStatus,
+    FunctionUsage,
+    LogMessage,
+    Secret,
+    utcnow,
+)
+
+log = logging.getLogger("fast_gshare.local")
+
+SCALE_MIN_LABEL = "com.openfaas.scale.min"
+ROLLOUT_TIMEOUT_S = 120.0
+
+
+@dataclass
+class LocalFunction:
+    """A deployed function and the replicas that serve it."""
+
+    stored: StoredFunction
+    replicas: list[Replica] = field(default_factory=list)
+    retiring: list[Replica] = field(default_factory=list)
+    next_index: int = 0
+    turn: int = 0
+    rollout: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until `predicate()` holds, re-checking whenever a replica's readiness changes."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def deployment(self) -> FunctionDeployment:
+        return self.stored.deployment
+
+    def ready(self) -> list[Replica]:
+        """Replicas that take requests now: the current set, else those being replaced."""
+        return [r for r in self.replicas if r.ready] or [r for r in self.retiring if r.ready]
+
+
+class LocalBackend:
+    """Runs functions as local processes; implements `faas_provider.backends.base.Backend`."""
+
+    orchestration = "local"
+
+    def __init__(self, state_dir: Path, functions_root: Path, startup_wait_s: float = 30.0) -> None:
+        self._store = StateStore(state_dir)
+        self._state_dir = state_dir
+        self._functions_root = functions_root
+        self._startup_wait_s = startup_wait_s
+        self._logs = LogStore()
+        self._functions: dict[tuple[str, str], LocalFunction] = {}
+        self._state = self._store.load()
+        self._http: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Start every stored function at its stored replica count."""
+        self._http = aiohttp.ClientSession()
+        for key, stored in self._state.functions.items():
+            function = LocalFunction(stored=stored)
+            self._functions[key] = function
+            self._write_secrets(function.deployment)
+            self._reconcile(function)
+        if self._functions:
+            log.info("restored %d function(s) from %s", len(self._functions), self._state_dir)
+
+    async def close(self) -> None:
+        """Stop all replicas; desired counts stay on disk for the next start."""
+        for function in self._functions.values():
+            if function.rollout is not None:
+                function.rollout.cancel()
+            await asyncio.gather(*(r.stop() for r in function.replicas + function.retiring))
+        self._functions.clear()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+
+    # functions
+
+    async def list_functions(self, namespace: str) -> list[FunctionStatus]:
+        return [
+            self._status(function)
+            for (ns, _), function in sorted(self._functions.items())
+            if ns == namespace
+        ]
+
+    async def get_function(self, name: str, namespace: str) -> FunctionStatus:
+        return self._status(self._function(name, namespace))
+
+    async def deploy(self, deployment: FunctionDeployment) -> None:
+        key = (deployment.namespace, deployment.service)
+        if key in self._functions:
+            raise Conflict(
+                f"function {deployment.service} exists in namespace {deployment.namespace}; "
+                "update it with PUT /system/functions"
+            )
+        self._validate(deployment)
+        replicas = _min_replicas(deployment)
+        stored = StoredFunction(deployment=deployment, replicas=replicas, created_at=utcnow())
+        function = LocalFunction(stored=stored)
+        self._functions[key] = function
+        self._state.functions[key] = stored
+        await self._store.save(self._state)
+        self._write_secrets(deployment)
+        self._reconcile(function)
+        log.info(
+            "deployed %s.%s (%d replica(s))", deployment.service, deployment.namespace, replicas
+        )
+
+    async def update(self, deployment: FunctionDeployment) -> None:
+        function = self._function(deployment.service, deployment.namespace)
+        self._validate(deployment)
+        restart = _runtime_spec(deployment) != _runtime_spec(function.deployment)
+        function.stored.deployment = deployment
+        await self._store.save(self._state)
+        self._write_secrets(deployment)
+        if restart:
+            self._roll(function)
+        log.info(
+            "updated %s.%s%s",
+            deployment.service,
+            deployment.namespace,
+            "; replacing its replicas" if restart else "",
+        )
+
+    async def delete(self, name: str, namespace: str) -> None:
+        function = self._function(name, namespace)
+        del self._functions[(namespace, name)]
+        del self._state.functions[(namespace, name)]
+        await self._store.save(self._state)
+        if function.rollout is not None:
+            function.rollout.cancel()
+        await asyncio.gather(*(r.stop() for r in function.replicas + function.retiring))
+        shutil.rmtree(self._mount_dir(name, namespace), ignore_errors=True)
+        self._logs.forget(name, namespace)
+        log.info("deleted %s.%s", name, namespace)
+
+    async def scale(self, name: str, namespace: str, replicas: int) -> None:
+        function = self._function(name, namespace)
+        if function.stored.replicas == replicas:
+            return
+        log.info("scaling %s.%s from %d to %d", name, namespace, function.stored.replicas, replicas)
+        function.stored.replicas = replicas
+        await self._store.save(self._state)
+        self._reconcile(function)
+
+    async def resolve(self, name: str, namespace: str) -> str:
+        function = self._function(name, namespace)
+        ready = function.ready()
+        if not ready:
+            ready = await self._wait_ready(function)
+        function.turn = (function.turn + 1) % len(ready)
+        return ready[function.turn].url
+
+    # namespaces
+
+    async def list_namespaces(self) -> list[str]:
+        return sorted(self._state.namespaces)
+
+    async def get_namespace(self, name: str) -> dict[str, object]:
+        namespace = self._namespace(name)
+        return {"name": name, "labels": namespace.labels, "annotations": namespace.annotations}
+
+    async def create_namespace(
+        self, name: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> None:
+        if name in self._state.namespaces:
+            raise Conflict(f"namespace {name} exists")
+        self._state.namespaces[name] = StoredNamespace(labels, annotations)
+        await self._store.save(self._state)
+
+    async def update_namespace(
+        self, name: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> None:
+        self._namespace(name)
+        self._state.namespaces[name] = StoredNamespace(labels, annotations)
+        await self._store.save(self._state)
+
+    async def delete_namespace(self, name: str) -> None:
+        self._namespace(name)
+        if any(ns == name for ns, _ in self._functions):
+            raise Conflict(f"namespace {name} still has functions; delete them first")
+        del self._state.namespaces[name]
+        for key in [key for key in self._state.secrets if key[0] == name]:
+            del self._state.secrets[key]
+        await self._store.save(self._state)
+
+    # secrets
+
+    async def list_secrets(self, namespace: str) -> list[Secret]:
+        self._namespace(namespace)
+        return [
+            Secret(name=name, namespace=ns)
+            for ns, name in sorted(self._state.secrets)
+            if ns == namespace
+        ]
+
+    async def create_secret(self, secret: Secret) -> None:
+        key = self._secret_key(secret)
+        if key in self._state.secrets:
+            raise Conflict(f"secret {secret.name} exists in namespace {key[0]}")
+        await self._put_secret(key, secret.payload())
+
+    async def update_secret(self, secret: Secret) -> None:
+        key = self._secret_key(secret)
+        if key not in self._state.secrets:
+            raise NotFound(f"secret {secret.name} not found in namespace {key[0]}")
+        await self._put_secret(key, secret.payload())
+
+    async def delete_secret(self, name: str, namespace: str) -> None:
+        if (namespace, name) not in self._state.secrets:
+            raise NotFound(f"secret {name} not found in namespace {namespace}")
+        del self._state.secrets[(namespace, name)]
+        await self._store.save(self._state)
+        self._refresh_secret_files(namespace, name)
+
+    # logs
+
+    async def logs(self, query: LogQuery) -> AsyncIterator[LogMessage]:
+        self._function(query.name, query.namespace)
+        async for message in self._logs.read(query):
+            yield message
+
+    # internals
+
+    def _function(self, name: str, namespace: str) -> LocalFunction:
+        function = self._functions.get((namespace, name))
+        if function is None:
+            raise NotFound(f"function {name} not found in namespace {namespace}")
+        return function
+
+    def _namespace(self, name: str) -> StoredNamespace:
+        namespace = self._state.namespaces.get(name)
+        if namespace is None:
+            raise NotFound(f"namespace {name} not found")
+        return namespace
+
+    def _validate(self, deployment: FunctionDeployment) -> None:
+        """Refuse, before anything changes, a deployment that could not run."""
+        namespace = deployment.namespace
+        if namespace not in self._state.namespaces:
+            raise InvalidRequest(
+                f"namespace {namespace} does not exist; create it with "
+                f"POST /system/namespace/{namespace}"
+            )
+        missing = [s for s in deployment.secrets if (namespace, s) not in self._state.secrets]
+        if missing:
+            raise InvalidRequest(
+                f"secret(s) {', '.join(missing)} not found in namespace {namespace}; "
+                "create them first (faas-cli secret create)"
+            )
+        _min_replicas(deployment)
+        launch_spec(deployment, self._functions_root, Path(), Path())
+
+    def _status(self, function: LocalFunction) -> FunctionStatus:
+        deployment = function.deployment
+        memory = sum(r.memory_bytes() for r in function.replicas + function.retiring)
+        return FunctionStatus(
+            name=deployment.service,
+            namespace=deployment.namespace,
+            image=deployment.image,
+            envProcess=deployment.env_process,
+            envVars=deployment.env_vars,
+            constraints=deployment.constraints,
+            secrets=deployment.secrets,
+            labels=deployment.labels,
+            annotations=deployment.annotations,
+            limits=deployment.limits,
+            requests=deployment.requests,
+            readOnlyRootFilesystem=deployment.read_only_root_filesystem,
+            replicas=function.stored.replicas,
+            availableReplicas=len(function.ready()),
+            createdAt=function.stored.created_at,
+            usage=FunctionUsage(totalMemoryBytes=memory) if memory else None,
+        )
+
+    def _new_replica(self, function: LocalFunction) -> Replica:
+        deployment = function.deployment
+        mount = self._mount_dir(deployment.service, deployment.namespace)
+        spec = launch_spec(deployment, self._functions_root, mount / "secrets", mount)
+        instance = f"{deployment.service}-{function.next_index}"
+        function.next_index += 1
+        assert self._http is not None, "backend used before start()"
+        replica = Replica(
+            instance,
+            spec,
+            self._http,
+            lambda inst, text: self._logs.append(
+                deployment.service, deployment.namespace, inst, text
+            ),
+            function.changed.set,
+        )
+        replica.start()
+        return replica
+
+    def _reconcile(self, function: LocalFunction) -> None:
+        """Start or stop replicas until the current set has the desired count."""
+        while len(function.replicas) < function.stored.replicas:
+            function.replicas.append(self._new_replica(function))
+        surplus = function.replicas[function.stored.replicas :]
+        del function.replicas[function.stored.replicas :]
+        for replica in surplus:
+            self._in_background(replica.stop())
+
+    def _roll(self, function: LocalFunction) -> None:
+        """Replace every replica with one of the new spec; old ones serve until new are ready."""
+        if function.rollout is not None:
+            function.rollout.cancel()
+        function.retiring += function.replicas
+        function.replicas = []
+        self._reconcile(function)
+        function.rollout = self._in_background(self._finish_rollout(function))
+
+    def _in_background(self, work: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        """Run `work` as a task the backend owns and waits for on close."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _finish_rollout(self, function: LocalFunction) -> None:
+        await function.wait_until(
+            lambda: all(r.ready for r in function.replicas), ROLLOUT_TIMEOUT_S
+        )
+        retiring, function.retiring = function.retiring, []
+        await asyncio.gather(*(r.stop() for r in retiring))
+
+    async def _wait_ready(self, function: LocalFunction) -> list[Replica]:
+        deployment = function.deployment
+        where = f"{deployment.service}.{deployment.namespace}"
+        if function.stored.replicas == 0:
+            raise Unavailable(
+                f"function {where} is scaled to zero: scale it up, or call it through the "
+                "gateway with scale_from_zero=true"
+            )
+        if await function.wait_until(
+            lambda: bool(function.ready()) or function.stored.replicas == 0, self._startup_wait_s
+        ) and (ready := function.ready()):
+            return ready
+        raise Unavailable(f"no replica of function {where} is ready")
+
+    def _mount_dir(self, name: str, namespace: str) -> Path:
+        return self._state_dir / "mounts" / namespace / name
+
+    def _secret_key(self, secret: Secret) -> tuple[str, str]:
+        namespace = secret.namespace or "openfaas-fn"
+        self._namespace(namespace)
+        return namespace, secret.name
+
+    async def _put_secret(self, key: tuple[str, str], value: bytes) -> None:
+        self._state.secrets[key] = value
+        await self._store.save(self._state)
+        self._refresh_secret_files(*key)
+
+    def _refresh_secret_files(self, namespace: str, secret: str) -> None:
+        for (ns, _), function in self._functions.items():
+            if ns == namespace and secret in function.deployment.secrets:
+                self._write_secrets(function.deployment)
+
+    def _write_secrets(self, deployment: FunctionDeployment) -> None:
+        """Make the function's secrets directory hold exactly its secrets, each mode 0600."""
+        directory = self._mount_dir(deployment.service, deployment.namespace) / "secrets"
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        wanted = set(deployment.secrets)
+        for existing in directory.iterdir():
+            if existing.name not in wanted:
+                existing.unlink()
+        for name in wanted:
+            value = self._state.secrets.get((deployment.namespace, name))
+            path = directory / name
+            if value is None:
+                path.unlink(missing_ok=True)
+                continue
+            path.touch(mode=0o600, exist_ok=True)
+            path.chmod(0o600)
+            path.write_bytes(value)
+
+
+def _min_replicas(deployment: FunctionDeployment) -> int:
+    text = deployment.labels.get(SCALE_MIN_LABEL, "1")
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidRequest(f"label {SCALE_MIN_LABEL} must be a whole number >= 0, not {text!r}")
+    return value
+
+
+def _runtime_spec(deployment: FunctionDeployment) -> str:
+    """A digest of what a replica process is started from; a change means new replicas."""
+    wire = deployment.to_wire()
+    wire.pop("labels", None)
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,67 @@
+"""How the local backend starts a function's replicas: the runtime command line and environment.
+
+Images cannot be pulled on one machine, so a function runs either from its `envProcess`
+(faas-cli's `fprocess`, a classic-watchdog command) or from a handler directory under the
+functions root, named by the last path segment of its image without tag or digest
+(`ghcr.io/acme/tiny-cpu:0.2` -> `<functions root>/tiny-cpu/handler.py`). An explicit
+`envProcess` wins; it then runs in the handler directory when there is one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from faas_provider.backends.base import InvalidRequest
+from faas_provider.models import FunctionDeployment
+
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start one replica process of a function."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+
+def handler_directory(image: str, functions_root: Path) -> Path | None:
+    """The handler directory an image names, if `handler.py` exists there."""
+    last = _image_segment(image)
+    if not _SAFE_SEGMENT.match(last) or ".." in last:
+        return None
+    candidate = functions_root / last
+    return candidate if (candidate / "handler.py").is_file() else None
+
+
+def launch_spec(
+    deployment: FunctionDeployment, functions_root: Path, secrets_dir: Path, work_dir: Path
+) -> LaunchSpec:
+    """The replica command for `deployment`; InvalidRequest when it resolves to nothing."""
+    handler_dir = handler_directory(deployment.image, functions_root)
+    argv = [sys.executable, "-m", "faas_provider.runtime", "--port", "0"]
+    argv += ["--parent-pid", str(os.getpid())]
+    env = dict(os.environ)
+    env.update(deployment.env_vars)
+    env["secret_mount_path"] = str(secrets_dir)
+    if deployment.env_process:
+        env["fprocess"] = deployment.env_process
+    elif handler_dir is not None:
+        argv += ["--handler", str(handler_dir)]
+        env.pop("fprocess", None)
+    else:
+        raise InvalidRequest(
+            f"image {deployment.image!r} resolves to no function: looked for "
+            f"{functions_root / _image_segment(deployment.image) / 'handler.py'} and the "
+            "deployment has no envProcess (fprocess); add one of them"
+        )
+    return LaunchSpec(argv=argv, env=env, cwd=handler_dir or work_dir)
+
+
+def _image_segment(image: str) -> str:
+    return image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]

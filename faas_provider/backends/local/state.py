@@ -1,0 +1,121 @@
+"""The local backend's state directory: the single source of truth that survives a restart.
+
+`functions.json` holds every function's deployment, desired replica count and creation time,
+and the namespaces; `secrets.json` (mode 0600) holds secret values. Both are written atomically
+(temporary file, fsync, rename), so a crash leaves either the old or the new file, never half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from faas_provider.models import DEFAULT_NAMESPACE, FunctionDeployment, rfc3339
+
+
+@dataclass
+class StoredFunction:
+    """What is kept of a function: its spec, desired replicas and creation time."""
+
+    deployment: FunctionDeployment
+    replicas: int
+    created_at: datetime
+
+
+@dataclass
+class StoredNamespace:
+    """A namespace with its labels and annotations."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ProviderState:
+    """Everything the local backend persists, keyed by (namespace, name)."""
+
+    functions: dict[tuple[str, str], StoredFunction] = field(default_factory=dict)
+    namespaces: dict[str, StoredNamespace] = field(
+        default_factory=lambda: {DEFAULT_NAMESPACE: StoredNamespace()}
+    )
+    secrets: dict[tuple[str, str], bytes] = field(default_factory=dict)
+
+
+class StateStore:
+    """Reads and writes a `ProviderState` in a directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._functions_file = directory / "functions.json"
+        self._secrets_file = directory / "secrets.json"
+        self._lock = asyncio.Lock()
+
+    def load(self) -> ProviderState:
+        """The stored state, or an empty one when the directory is new."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = ProviderState()
+        if self._functions_file.exists():
+            document = json.loads(self._functions_file.read_text())
+            for entry in document.get("functions", []):
+                deployment = FunctionDeployment.model_validate(entry["deployment"])
+                state.functions[(deployment.namespace, deployment.service)] = StoredFunction(
+                    deployment=deployment,
+                    replicas=int(entry["replicas"]),
+                    created_at=datetime.fromisoformat(entry["createdAt"]),
+                )
+            state.namespaces = {
+                name: StoredNamespace(**spec)
+                for name, spec in document.get("namespaces", {}).items()
+            } or state.namespaces
+        if self._secrets_file.exists():
+            for entry in json.loads(self._secrets_file.read_text()):
+                key = (entry["namespace"], entry["name"])
+                state.secrets[key] = base64.b64decode(entry["value"])
+        return state
+
+    async def save(self, state: ProviderState) -> None:
+        """Write functions and namespaces, then secrets, each atomically, off the event loop.
+
+        The documents are built here, before the first await, so they are one consistent
+        snapshot; the lock keeps two saves from finishing out of order.
+        """
+        functions: list[dict[str, Any]] = [
+            {
+                "deployment": stored.deployment.to_wire(),
+                "replicas": stored.replicas,
+                "createdAt": rfc3339(stored.created_at),
+            }
+            for stored in state.functions.values()
+        ]
+        namespaces = {
+            name: {"labels": ns.labels, "annotations": ns.annotations}
+            for name, ns in state.namespaces.items()
+        }
+        secrets = [
+            {"namespace": ns, "name": name, "value": base64.b64encode(value).decode()}
+            for (ns, name), value in state.secrets.items()
+        ]
+        document = {"functions": functions, "namespaces": namespaces}
+        async with self._lock:
+            await asyncio.to_thread(self._write, self._functions_file, document)
+            await asyncio.to_thread(self._write, self._secrets_file, secrets)
+
+    def _write(self, path: Path, document: object) -> None:
+        descriptor, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(document, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temporary, 0o600)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
