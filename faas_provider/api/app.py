@@ -1,0 +1,113 @@
+"""The provider's aiohttp application: the whole OpenFaaS provider API in one route table."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from faas_provider import __version__
+from faas_provider.api import functions, logs, namespaces, proxy, secrets
+from faas_provider.api.keys import BACKEND, METRICS, SETTINGS, UPSTREAM
+from faas_provider.api.middleware import ProviderMetrics, basic_auth, errors
+from faas_provider.backends.base import Backend
+from faas_provider.settings import Settings, read_basic_auth
+
+PROVIDER_NAME = "fast-gshare"
+
+
+def create_app(backend: Backend, settings: Settings) -> web.Application:
+    """Build the provider app around `backend`; it starts and closes the backend with itself."""
+    metrics = ProviderMetrics()
+    middlewares = [metrics.middleware, errors]
+    if settings.basic_auth:
+        middlewares.insert(0, basic_auth(*read_basic_auth(settings.secret_mount_path)))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024**2)
+    app[BACKEND] = backend
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app.cleanup_ctx.append(_lifecycle)
+    _source_sha()  # once, at start, not in a request
+    app.add_routes(
+        [
+            web.get("/system/functions", functions.list_functions),
+            web.post("/system/functions", functions.deploy),
+            web.put("/system/functions", functions.update),
+            web.delete("/system/functions", functions.delete),
+            web.get("/system/function/{name}", functions.status),
+            web.post("/system/scale-function/{name}", functions.scale),
+            web.post("/system/scale-function", functions.scale),
+            web.get("/system/info", info),
+            web.get("/system/namespaces", namespaces.list_namespaces),
+            web.get("/system/namespace/{name}", namespaces.get_namespace),
+            web.post("/system/namespace/{name}", namespaces.create_namespace),
+            web.put("/system/namespace/{name}", namespaces.update_namespace),
+            web.delete("/system/namespace/{name}", namespaces.delete_namespace),
+            web.get("/system/secrets", secrets.list_secrets),
+            web.post("/system/secrets", secrets.create_secret),
+            web.put("/system/secrets", secrets.update_secret),
+            web.delete("/system/secrets", secrets.delete_secret),
+            web.get("/system/logs", logs.logs),
+            web.get("/healthz", healthz),  # also answers HEAD
+            web.get("/metrics", metrics_handler),
+            web.route("*", r"/function/{service:[-a-zA-Z_0-9.]+}", proxy.invoke),
+            web.route("*", r"/function/{service:[-a-zA-Z_0-9.]+}/{path:.*}", proxy.invoke),
+        ]
+    )
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    timeout = aiohttp.ClientTimeout(total=app[SETTINGS].upstream_timeout_s, sock_connect=5)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as upstream:
+        app[UPSTREAM] = upstream
+        await app[BACKEND].start()
+        try:
+            yield
+        finally:
+            await app[BACKEND].close()
+
+
+async def info(request: web.Request) -> web.Response:
+    """GET /system/info: faas-cli version reads version.release and version.sha."""
+    return web.json_response(
+        {
+            "provider": PROVIDER_NAME,
+            "orchestration": request.app[BACKEND].orchestration,
+            "version": {"sha": _source_sha(), "release": __version__},
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET/HEAD /healthz."""
+    return web.Response(text="OK")
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@functools.cache
+def _source_sha() -> str:
+    """The git commit the provider runs from, or "unknown" outside a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"

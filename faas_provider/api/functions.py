@@ -1,0 +1,66 @@
+"""Handlers for /system/functions, /system/function/{name} and /system/scale-function/{name}."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from faas_provider.api.keys import BACKEND
+from faas_provider.api.params import namespace_param, read_model
+from faas_provider.backends.base import NotFound
+from faas_provider.models import (
+    DeleteFunctionRequest,
+    FunctionDeployment,
+    ScaleServiceRequest,
+    check_dns_label,
+)
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    """GET /system/functions: always a JSON array."""
+    functions = await request.app[BACKEND].list_functions(namespace_param(request))
+    return web.json_response([f.to_wire() for f in functions])
+
+
+async def deploy(request: web.Request) -> web.Response:
+    """POST /system/functions: create; 409 when the function exists."""
+    deployment = await read_model(request, FunctionDeployment)
+    await request.app[BACKEND].deploy(deployment)
+    return web.Response(status=202)
+
+
+async def update(request: web.Request) -> web.Response:
+    """PUT /system/functions: replace; 404 when unknown, so faas-cli falls back to POST."""
+    deployment = await read_model(request, FunctionDeployment)
+    await request.app[BACKEND].update(deployment)
+    return web.Response(status=202)
+
+
+async def delete(request: web.Request) -> web.Response:
+    """DELETE /system/functions: name in the body, namespace in the body or the query."""
+    body = await read_model(request, DeleteFunctionRequest)
+    namespace = namespace_param(request, body.namespace)
+    await request.app[BACKEND].delete(body.function_name, namespace)
+    return web.Response(status=202)
+
+
+async def status(request: web.Request) -> web.Response:
+    """GET /system/function/{name}: 404 with an empty body when unknown."""
+    name = request.match_info["name"]
+    try:
+        function = await request.app[BACKEND].get_function(name, namespace_param(request))
+    except NotFound:
+        return web.Response(status=404)
+    return web.json_response(function.to_wire())
+
+
+async def scale(request: web.Request) -> web.Response:
+    """POST /system/scale-function/{name}: name from the URL or serviceName."""
+    body = await read_model(request, ScaleServiceRequest)
+    name = request.match_info.get("name") or body.service_name or ""
+    try:
+        check_dns_label(name, "function name")
+    except ValueError as error:
+        raise web.HTTPBadRequest(text=str(error)) from error
+    namespace = namespace_param(request, body.namespace)
+    await request.app[BACKEND].scale(name, namespace, body.replicas)
+    return web.Response(status=202)

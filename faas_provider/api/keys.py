@@ -1,0 +1,15 @@
+"""Typed keys for what the app factory stores on the application."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from faas_provider.api.middleware import ProviderMetrics
+from faas_provider.backends.base import Backend
+from faas_provider.settings import Settings
+
+BACKEND = web.AppKey("backend", Backend)
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", ProviderMetrics)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)

@@ -1,0 +1,117 @@
+"""Cross-cutting concerns wrapped around every handler in one place: errors, auth, metrics."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
+
+from faas_provider.backends.base import ProviderError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PREFIXES = ("/function/", "/healthz", "/metrics")
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming each bad field and what is wrong with it."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "invalid request: " + "; ".join(parts)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn backend errors, bad JSON and invalid bodies into clear plain-text answers."""
+    try:
+        return await handler(request)
+    except ProviderError as error:
+        return web.Response(status=error.status, text=str(error))
+    except ValidationError as error:
+        return web.Response(status=400, text=describe_validation_error(error))
+    except json.JSONDecodeError as error:
+        return web.Response(status=400, text=f"request body is not valid JSON: {error}")
+
+
+def basic_auth(user: str, password: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """faas-provider's basic auth: everything but /function/*, /healthz and /metrics."""
+    expected_user, expected_password = user.encode(), password.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(OPEN_PREFIXES):
+            return await handler(request)
+        given_user, given_password = _credentials(request.headers.get("Authorization", ""))
+        user_ok = hmac.compare_digest(given_user, expected_user)
+        password_ok = hmac.compare_digest(given_password, expected_password)
+        if not (user_ok and password_ok):
+            return web.Response(
+                status=401,
+                text="invalid credentials",
+                headers={"WWW-Authenticate": 'Basic realm="Restricted"'},
+            )
+        return await handler(request)
+
+    return check
+
+
+def _credentials(header: str) -> tuple[bytes, bytes]:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return b"", b""
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b"", b""
+    user, _, password = decoded.partition(b":")
+    return user, password
+
+
+class ProviderMetrics:
+    """faas-provider's HTTP metrics for /system/* in a registry owned by one app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("code", "method", "path")
+        self.requests = Counter(
+            "provider_http_requests",
+            "Requests to the provider API",
+            labels,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "provider_http_request_duration_seconds",
+            "Seconds spent serving provider API requests",
+            labels,
+            registry=self.registry,
+        )
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Count and time /system/* requests, labelled by route template, not raw path."""
+        if not request.path.startswith("/system/"):
+            return await handler(request)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            path = resource.canonical if resource is not None else request.path
+            labels = (str(status), request.method, path)
+            self.requests.labels(*labels).inc()
+            self.duration.labels(*labels).observe(time.perf_counter() - started)

@@ -1,0 +1,33 @@
+"""Reading the parts of a request every handler needs: JSON bodies and the namespace."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from faas_provider.models import check_dns_label, namespace_or_default
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """Parse the body as JSON into `model`; bad JSON or fields raise (answered 400)."""
+    raw = await request.read()
+    if not raw.strip():
+        raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
+    document: Any = json.loads(raw)
+    if not isinstance(document, dict):
+        raise web.HTTPBadRequest(text="request body must be a JSON object")
+    return model.model_validate(document)
+
+
+def namespace_param(request: web.Request, body_value: str | None = None) -> str:
+    """The namespace from the query, else from the body, else the default; a DNS label."""
+    namespace = namespace_or_default(request.query.get("namespace") or body_value)
+    try:
+        return check_dns_label(namespace, "namespace")
+    except ValueError as error:
+        raise web.HTTPBadRequest(text=str(error)) from error

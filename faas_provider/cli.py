@@ -1,0 +1,119 @@
+"""The `fast-gshare` command: `fast-gshare up` runs the provider on the embedded local backend."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from faas_provider.api.app import create_app
+from faas_provider.backends.base import Backend, NotFound, ProviderError
+from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.models import FunctionDeployment
+from faas_provider.settings import Settings, default_state_dir
+from faas_provider.stack import StackError, load_stack
+
+log = logging.getLogger("fast_gshare")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fast-gshare", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser(
+        "up", help="run the provider with the local backend, deploying a stack file's functions"
+    )
+    up.add_argument("--stack", type=Path, help="faas-cli stack file whose functions to deploy")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    up.add_argument("--port", type=int, default=8081, help="port to listen on (8081)")
+    up.add_argument(
+        "--state-dir", type=Path, default=default_state_dir(), help="where state is kept"
+    )
+    up.add_argument(
+        "--functions-dir",
+        type=Path,
+        help="root of handler directories (default: functions/ beside the stack file)",
+    )
+    up.add_argument(
+        "--basic-auth",
+        action="store_true",
+        default=os.environ.get("basic_auth", "").lower() == "true",
+        help="require basic auth on /system/* (env basic_auth=true)",
+    )
+    up.add_argument(
+        "--secret-mount-path",
+        type=Path,
+        default=Path(os.environ.get("secret_mount_path", "/var/openfaas/secrets")),
+        help="directory with basic-auth-user and basic-auth-password (env secret_mount_path)",
+    )
+    up.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `fast-gshare` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    functions_dir = args.functions_dir or (
+        args.stack.parent / "functions" if args.stack else Path("functions")
+    )
+    settings = Settings(
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        functions_dir=functions_dir.resolve(),
+        basic_auth=args.basic_auth,
+        secret_mount_path=args.secret_mount_path,
+    )
+    stack: list[FunctionDeployment] = []
+    if args.stack:
+        try:
+            stack = load_stack(args.stack)
+        except StackError as error:
+            raise SystemExit(f"fast-gshare: {error}") from error
+    asyncio.run(_up(settings, stack))
+
+
+async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
+    backend = LocalBackend(settings.state_dir, settings.functions_dir, settings.startup_wait_s)
+    runner = web.AppRunner(create_app(backend, settings), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    base = f"http://{settings.host}:{settings.port}"
+    log.info("provider listening on %s (local backend, state in %s)", base, settings.state_dir)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    try:
+        await _deploy_stack(backend, stack, base)
+        await stopped.wait()
+        log.info("stopping: replicas are stopped, desired counts are kept for the next start")
+    finally:
+        await runner.cleanup()
+
+
+async def _deploy_stack(backend: Backend, stack: list[FunctionDeployment], base: str) -> None:
+    """Deploy as faas-cli does (update, else create), then print where each function answers."""
+    for deployment in stack:
+        try:
+            try:
+                await backend.update(deployment)
+            except NotFound:
+                await backend.deploy(deployment)
+        except ProviderError as error:
+            log.error("function %s not deployed: %s", deployment.service, error)
+    print(f"fast-gshare provider: {base}  (point the gateway's functions_provider_url here)")
+    for function in await backend.list_functions("openfaas-fn"):
+        url = f"{base}/function/{function.name}"
+        print(f"  {function.name:<20} {url:<50} replicas {function.replicas}", flush=True)
