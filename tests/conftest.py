@@ -1,0 +1,100 @@
+"""Fixtures: a real provider server on a free port, local backend, real replica processes."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from faas_provider.api.app import create_app
+from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A handler whose behaviour the tests steer through the request body.
+STEERABLE_HANDLER = textwrap.dedent(
+    """
+    import json
+    import os
+    import time
+
+    calls = 0
+
+
+    def handle(event, context):
+        global calls
+        calls += 1
+        command = event.body.decode()
+        if command == "crash":
+            os.kill(os.getpid(), 9)
+        if command.startswith("sleep "):
+            time.sleep(float(command.split()[1]))
+        if command.startswith("secret "):
+            path = os.path.join(os.environ["secret_mount_path"], command.split()[1])
+            mode = oct(os.stat(path).st_mode & 0o777)
+            return {"statusCode": 200, "body": {"value": open(path).read(), "mode": mode}}
+        return {
+            "statusCode": 200,
+            "body": {"pid": os.getpid(), "calls": calls, "env": os.environ.get("GREETING")},
+        }
+    """
+)
+
+Deploy = Callable[..., Awaitable[int]]
+
+
+@pytest.fixture
+def functions_root(tmp_path: Path) -> Path:
+    """A functions root with the repository's samples and a steerable test handler."""
+    root = tmp_path / "functions"
+    root.mkdir()
+    for sample in (REPO / "functions").iterdir():
+        (root / sample.name).symlink_to(sample)
+    (root / "steer").mkdir()
+    (root / "steer" / "handler.py").write_text(STEERABLE_HANDLER)
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path: Path, functions_root: Path) -> Settings:
+    return Settings(
+        port=0, state_dir=tmp_path / "state", functions_dir=functions_root, startup_wait_s=20
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> AsyncIterator[TestClient]:
+    """A client of a real provider server whose backend runs real replica processes."""
+    backend = LocalBackend(settings.state_dir, settings.functions_dir, settings.startup_wait_s)
+    yield await aiohttp_client(create_app(backend, settings))
+
+
+async def faas_cli_deploy(client: TestClient, body: dict[str, Any]) -> int:
+    """Deploy as faas-cli does: PUT first, POST only when the PUT answers 404."""
+    response = await client.put("/system/functions", json=body)
+    if response.status == 404:
+        response = await client.post("/system/functions", json=body)
+    return response.status
+
+
+async def wait_available(
+    client: TestClient, name: str, count: int = 1, namespace: str = "openfaas-fn"
+) -> dict[str, Any]:
+    """Poll the status as the gateway does (every 100 ms) until `count` replicas are ready."""
+    for _ in range(300):
+        response = await client.get(f"/system/function/{name}?namespace={namespace}")
+        status = await response.json()
+        if status["availableReplicas"] == count:
+            return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} never reached {count} available replicas: {status}")
+
+
+ECHO = {"service": "echo", "image": "ghcr.io/fast-gshare/echo:latest", "envProcess": "cat"}
+STEER = {"service": "steer", "image": "example/steer:1"}

@@ -1,0 +1,119 @@
+"""Contract tests for the invocation proxy /function/{name}[.{namespace}][/path]."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from faas_provider.api.proxy import split_name
+from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available
+
+# An fprocess that answers with the watchdog's request environment.
+ENV_DUMP = {"service": "envdump", "image": "example/envdump", "envProcess": "env"}
+
+
+def test_split_name_on_the_last_dot() -> None:
+    assert split_name("echo") == ("echo", "openfaas-fn")
+    assert split_name("echo.team-a") == ("echo", "team-a")
+    assert split_name("v1.2.team") == ("v1.2", "team")
+
+
+async def test_gateway_invoke_sequence_status_then_name_dot_namespace(client: TestClient) -> None:
+    assert await faas_cli_deploy(client, ECHO) == 202
+    await wait_available(client, "echo")
+    status = await client.get("/system/function/echo?namespace=openfaas-fn&usage=false")
+    assert status.status == 200
+    answer = await client.post(
+        "/function/echo.openfaas-fn", data=b"hello world", headers={"X-Call-Id": "call-42"}
+    )
+    assert answer.status == 200
+    assert await answer.read() == b"hello world"
+    assert float(answer.headers["X-Duration-Seconds"]) >= 0
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+async def test_all_seven_methods_reach_the_function(client: TestClient, method: str) -> None:
+    assert await faas_cli_deploy(client, ENV_DUMP) == 202
+    await wait_available(client, "envdump")
+    response = await client.request(method, "/function/envdump/some/path?x=1&y=two", data=b"")
+    assert response.status == 200
+    if method != "HEAD":
+        env = await response.text()
+        assert f"Http_Method={method}" in env
+        assert "Http_Path=/some/path" in env
+        assert "Http_Query=x=1&y=two" in env
+
+
+async def test_other_methods_are_405(client: TestClient) -> None:
+    assert await faas_cli_deploy(client, ECHO) == 202
+    response = await client.request("PROPFIND", "/function/echo")
+    assert response.status == 405
+
+
+async def test_headers_reach_the_function_and_forwarded_headers_are_added(
+    client: TestClient,
+) -> None:
+    assert await faas_cli_deploy(client, ENV_DUMP) == 202
+    await wait_available(client, "envdump")
+    response = await client.post(
+        "/function/envdump",
+        data=b"{}",
+        headers={"X-Call-Id": "abc-123", "Content-Type": "application/json"},
+    )
+    env = await response.text()
+    assert "Http_X_Call_Id=abc-123" in env
+    assert "Http_Content_Type=application/json" in env
+    assert "Http_X_Forwarded_Host=" in env
+    assert "Http_X_Forwarded_For=127.0.0.1" in env
+    assert response.headers["Content-Type"].startswith("application/json")
+
+
+async def test_unknown_function_is_404(client: TestClient) -> None:
+    response = await client.post("/function/nope", data=b"x")
+    assert response.status == 404
+    assert "nope" in await response.text()
+
+
+async def test_large_bodies_stream_through(client: TestClient) -> None:
+    assert await faas_cli_deploy(client, ECHO) == 202
+    await wait_available(client, "echo")
+    payload = bytes(range(256)) * 40_000  # 10 MB
+    response = await client.post("/function/echo", data=payload)
+    assert response.status == 200
+    assert await response.read() == payload
+
+
+async def test_crash_mid_request_is_502_and_other_functions_keep_serving(
+    client: TestClient,
+) -> None:
+    assert await faas_cli_deploy(client, STEER) == 202
+    assert await faas_cli_deploy(client, ECHO) == 202
+    await wait_available(client, "steer")
+    await wait_available(client, "echo")
+
+    async def echo_loop() -> list[int]:
+        codes = []
+        for _ in range(40):
+            response = await client.post("/function/echo", data=b"ping")
+            codes.append(response.status)
+            await asyncio.sleep(0.01)
+        return codes
+
+    others = asyncio.create_task(echo_loop())
+    crashed = await client.post("/function/steer", data=b"crash")
+    assert crashed.status == 502
+    assert crashed.headers["X-OpenFaaS-Internal"] == "proxy"
+    assert "steer" in await crashed.text()
+    assert set(await others) == {200}, "a crash of one function must not lose another's requests"
+    # the restart shows in the logs, and the restarted replica serves again
+    for _ in range(100):
+        logs = await (await client.get("/system/logs?name=steer")).text()
+        if "restarting" in logs:
+            break
+        await asyncio.sleep(0.05)
+    assert "restarting" in logs
+    await wait_available(client, "steer")
+    again = await client.post("/function/steer", data=b"")
+    assert again.status == 200

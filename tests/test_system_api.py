@@ -1,0 +1,160 @@
+"""Contract tests for secrets, namespaces, logs, healthz, metrics and basic auth."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import BasicAuth
+from aiohttp.test_utils import TestClient
+
+from faas_provider.api.app import create_app
+from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.settings import Settings
+from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available
+
+
+async def test_secrets_crud_never_shows_values(client: TestClient) -> None:
+    created = await client.post("/system/secrets", json={"name": "api-key", "value": "s3cret"})
+    assert created.status == 201
+    duplicate = await client.post("/system/secrets", json={"name": "api-key", "value": "x"})
+    assert duplicate.status == 409
+    listed = await client.get("/system/secrets?namespace=openfaas-fn")
+    assert await listed.json() == [{"name": "api-key", "namespace": "openfaas-fn"}]
+    assert "s3cret" not in await listed.text()
+    updated = await client.put("/system/secrets", json={"name": "api-key", "value": "new"})
+    assert updated.status in (200, 202)
+    missing = await client.put("/system/secrets", json={"name": "nope", "value": "x"})
+    assert missing.status == 404
+    deleted = await client.delete(
+        "/system/secrets", json={"name": "api-key", "namespace": "openfaas-fn"}
+    )
+    assert deleted.status in (200, 202)
+    assert await (await client.get("/system/secrets")).json() == []
+    again = await client.delete("/system/secrets", json={"name": "api-key"})
+    assert again.status == 404
+
+
+async def test_bad_secret_names_are_refused(client: TestClient) -> None:
+    for name in ("../etc", "UPPER", "a/b", ""):
+        response = await client.post("/system/secrets", json={"name": name, "value": "x"})
+        assert response.status == 400, name
+        assert "name" in await response.text()
+    assert await (await client.get("/system/secrets")).json() == []
+
+
+async def test_function_reads_its_secret_file_mode_0600_raw_value_wins(
+    client: TestClient,
+) -> None:
+    raw = base64.b64encode(b"from-raw").decode()
+    body = {"name": "db-pass", "value": "from-value", "rawValue": raw}
+    assert (await client.post("/system/secrets", json=body)).status == 201
+    assert await faas_cli_deploy(client, {**STEER, "secrets": ["db-pass"]}) == 202
+    await wait_available(client, "steer")
+    answer = await (await client.post("/function/steer", data=b"secret db-pass")).json()
+    assert answer == {"value": "from-raw", "mode": "0o600"}
+    # an updated secret reaches the running function's file
+    await client.put("/system/secrets", json={"name": "db-pass", "value": "rotated"})
+    answer = await (await client.post("/function/steer", data=b"secret db-pass")).json()
+    assert answer["value"] == "rotated"
+
+
+async def test_namespaces(client: TestClient) -> None:
+    assert await (await client.get("/system/namespaces")).json() == ["openfaas-fn"]
+    created = await client.post("/system/namespace/team-a", json={"labels": {"x": "1"}})
+    assert created.status == 201
+    assert (await client.post("/system/namespace/team-a")).status == 409
+    assert (await client.post("/system/namespace/Team_A")).status == 400
+    got = await (await client.get("/system/namespace/team-a")).json()
+    assert got == {"name": "team-a", "labels": {"x": "1"}, "annotations": {}}
+    assert await faas_cli_deploy(client, {**ECHO, "namespace": "team-a"}) == 202
+    in_use = await client.delete("/system/namespace/team-a")
+    assert in_use.status == 409
+    listed = await (await client.get("/system/functions?namespace=team-a")).json()
+    assert [f["namespace"] for f in listed] == ["team-a"]
+    assert await (await client.get("/system/functions")).json() == []
+    await wait_available(client, "echo", namespace="team-a")
+    answer = await client.post("/function/echo.team-a", data=b"ns")
+    assert await answer.text() == "ns"
+    await client.delete("/system/functions?namespace=team-a", json={"functionName": "echo"})
+    assert (await client.delete("/system/namespace/team-a")).status == 202
+    assert (await client.get("/system/namespace/team-a")).status == 404
+
+
+async def _log_lines(client: TestClient, query: str) -> list[dict[str, Any]]:
+    response = await client.get(f"/system/logs?{query}")
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Type"] == "application/x-ndjson"
+    return [json.loads(line) for line in (await response.text()).splitlines()]
+
+
+async def test_logs_tail_since_and_bad_parameters(client: TestClient) -> None:
+    assert await faas_cli_deploy(client, ECHO) == 202
+    await wait_available(client, "echo")
+    for _ in range(3):
+        await client.post("/function/echo", data=b"x")
+    lines = await _log_lines(client, "name=echo&namespace=openfaas-fn")
+    assert any("Forking fprocess" in line["text"] for line in lines)
+    first = lines[0]
+    assert set(first) == {"name", "namespace", "instance", "timestamp", "text"}
+    assert first["name"] == "echo" and first["instance"] == "echo-0"
+    assert len(await _log_lines(client, "name=echo&tail=2")) == 2
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    assert await _log_lines(client, f"name=echo&since={future}") == []
+    assert (await client.get("/system/logs?name=echo&tail=ten")).status == 422
+    assert (await client.get("/system/logs?name=echo&since=yesterday")).status == 422
+    assert (await client.get("/system/logs?name=nope")).status == 404
+    assert (await client.get("/system/logs")).status == 400
+
+
+async def test_logs_follow_streams_new_lines_as_they_come(client: TestClient) -> None:
+    assert await faas_cli_deploy(client, ECHO) == 202
+    await wait_available(client, "echo")
+    response = await client.get("/system/logs?name=echo&follow=true&tail=0")
+    assert response.status == 200
+    await client.post("/function/echo", data=b"x")
+    line = await asyncio.wait_for(response.content.readline(), 5)
+    assert json.loads(line)["name"] == "echo"
+    response.close()
+
+
+async def test_healthz_and_metrics(client: TestClient) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.head("/healthz")).status == 200
+    await client.get("/system/functions")
+    await client.get("/system/function/nope")
+    metrics = await (await client.get("/metrics")).text()
+    assert 'provider_http_requests_total{code="200",method="GET",path="/system/functions"}' in (
+        metrics
+    )
+    assert 'code="404",method="GET",path="/system/function/{name}"' in metrics
+    assert "provider_http_request_duration_seconds_bucket" in metrics
+
+
+@pytest.fixture
+async def auth_client(aiohttp_client: Any, settings: Settings, tmp_path: Path) -> TestClient:
+    secrets = tmp_path / "auth"
+    secrets.mkdir()
+    (secrets / "basic-auth-user").write_text("admin\n")
+    (secrets / "basic-auth-password").write_text(" pa55 \n")
+    settings = settings.model_copy(update={"basic_auth": True, "secret_mount_path": secrets})
+    backend = LocalBackend(settings.state_dir, settings.functions_dir)
+    return await aiohttp_client(create_app(backend, settings))
+
+
+async def test_basic_auth_guards_system_routes_only(auth_client: TestClient) -> None:
+    denied = await auth_client.get("/system/functions")
+    assert denied.status == 401
+    assert denied.headers["WWW-Authenticate"] == 'Basic realm="Restricted"'
+    wrong = await auth_client.get("/system/functions", auth=BasicAuth("admin", "nope"))
+    assert wrong.status == 401
+    allowed = await auth_client.get("/system/functions", auth=BasicAuth("admin", "pa55"))
+    assert allowed.status == 200
+    assert (await auth_client.get("/healthz")).status == 200
+    assert (await auth_client.get("/metrics")).status == 200
+    assert (await auth_client.post("/function/nope")).status == 404  # open, just unknown
