@@ -8,11 +8,13 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from aiohttp import web
 
 from faas_provider.api.app import create_app
+from faas_provider.api.worker import WorkerPool, serve_worker
 from faas_provider.backends.base import Backend, NotFound, ProviderError
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.models import FunctionDeployment
@@ -51,7 +53,21 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("secret_mount_path", "/var/openfaas/secrets")),
         help="directory with basic-auth-user and basic-auth-password (env secret_mount_path)",
     )
+    up.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes serving the port (invocations use this many cores; default 1)",
+    )
     up.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--control-socket", type=Path, required=True)
+    worker.add_argument("--host", required=True)
+    worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--parent-pid", type=int, required=True)
+    worker.add_argument("--basic-auth", action="store_true")
+    worker.add_argument("--secret-mount-path", type=Path, required=True)
+    worker.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -63,6 +79,15 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "worker":
+        settings = Settings(
+            host=args.host,
+            port=args.port,
+            basic_auth=args.basic_auth,
+            secret_mount_path=args.secret_mount_path,
+        )
+        asyncio.run(serve_worker(settings, args.control_socket, args.parent_pid))
+        return
     functions_dir = args.functions_dir or (
         args.stack.parent / "functions" if args.stack else Path("functions")
     )
@@ -73,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         functions_dir=functions_dir.resolve(),
         basic_auth=args.basic_auth,
         secret_mount_path=args.secret_mount_path,
+        workers=args.workers,
     )
     stack: list[FunctionDeployment] = []
     if args.stack:
@@ -87,10 +113,17 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
     backend = LocalBackend(settings.state_dir, settings.functions_dir, settings.startup_wait_s)
     runner = web.AppRunner(create_app(backend, settings), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    several = settings.workers > 1
+    await web.TCPSite(runner, settings.host, settings.port, reuse_port=several).start()
     base = f"http://{settings.host}:{settings.port}"
     log.info("provider listening on %s (local backend, state in %s)", base, settings.state_dir)
+    workers: WorkerPool | None = None
+    if several:
+        control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{os.getpid()}.sock"
+        await web.UnixSite(runner, str(control_socket)).start()
+        control_socket.chmod(0o600)
+        workers = WorkerPool(settings, control_socket, settings.workers - 1)
+        workers.start()
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,6 +133,8 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
         await stopped.wait()
         log.info("stopping: replicas are stopped, desired counts are kept for the next start")
     finally:
+        if workers is not None:
+            await workers.stop()
         await runner.cleanup()
 
 
@@ -117,3 +152,7 @@ async def _deploy_stack(backend: Backend, stack: list[FunctionDeployment], base:
     for function in await backend.list_functions("openfaas-fn"):
         url = f"{base}/function/{function.name}"
         print(f"  {function.name:<20} {url:<50} replicas {function.replicas}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

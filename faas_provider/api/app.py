@@ -13,8 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from faas_provider import __version__
 from faas_provider.api import functions, logs, namespaces, proxy, secrets
-from faas_provider.api.keys import BACKEND, METRICS, SETTINGS, UPSTREAM
+from faas_provider.api.keys import BACKEND, METRICS, RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.middleware import ProviderMetrics, basic_auth, errors
+from faas_provider.api.resolver import Resolver
 from faas_provider.backends.base import Backend
 from faas_provider.settings import Settings, read_basic_auth
 
@@ -31,6 +32,7 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
     app[BACKEND] = backend
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[RESOLVER] = Resolver(backend.endpoints)
     app.cleanup_ctx.append(_lifecycle)
     _source_sha()  # once, at start, not in a request
     app.add_routes(
@@ -40,6 +42,7 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
             web.put("/system/functions", functions.update),
             web.delete("/system/functions", functions.delete),
             web.get("/system/function/{name}", functions.status),
+            web.get("/system/endpoints/{name}", functions.endpoints),
             web.post("/system/scale-function/{name}", functions.scale),
             web.post("/system/scale-function", functions.scale),
             web.get("/system/info", info),

@@ -64,3 +64,14 @@ async def scale(request: web.Request) -> web.Response:
     namespace = namespace_param(request, body.namespace)
     await request.app[BACKEND].scale(name, namespace, body.replicas)
     return web.Response(status=202)
+
+
+async def endpoints(request: web.Request) -> web.Response:
+    """GET /system/endpoints/{name} (fast-gshare's own): the ready replicas' base URLs.
+
+    Worker processes resolve invocations from this; it waits for a starting replica as an
+    invocation would, and answers 404 / 503 when the function is unknown / has none ready.
+    """
+    name = request.match_info["name"]
+    urls = await request.app[BACKEND].endpoints(name, namespace_param(request))
+    return web.json_response({"urls": urls})

@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from faas_provider.api.middleware import ProviderMetrics
+from faas_provider.api.resolver import Resolver
 from faas_provider.backends.base import Backend
 from faas_provider.settings import Settings
 
@@ -13,3 +14,4 @@ BACKEND = web.AppKey("backend", Backend)
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", ProviderMetrics)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+RESOLVER = web.AppKey("resolver", Resolver)

@@ -43,12 +43,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def basic_auth(user: str, password: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """faas-provider's basic auth: everything but /function/*, /healthz and /metrics."""
+    """faas-provider's basic auth: everything but /function/*, /healthz and /metrics.
+
+    Requests on the provider's Unix control socket are trusted: only its own worker
+    processes (which check auth themselves) and the local user can reach it.
+    """
     expected_user, expected_password = user.encode(), password.encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(OPEN_PREFIXES):
+        if request.path.startswith(OPEN_PREFIXES) or _on_unix_socket(request):
             return await handler(request)
         given_user, given_password = _credentials(request.headers.get("Authorization", ""))
         user_ok = hmac.compare_digest(given_user, expected_user)
@@ -62,6 +66,11 @@ def basic_auth(user: str, password: str) -> Callable[..., Awaitable[web.StreamRe
         return await handler(request)
 
     return check
+
+
+def _on_unix_socket(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and isinstance(transport.get_extra_info("sockname"), str)
 
 
 def _credentials(header: str) -> tuple[bytes, bytes]:

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from faas_provider.api.keys import BACKEND, UPSTREAM
+from faas_provider.api.keys import RESOLVER, UPSTREAM
 from faas_provider.backends.base import NotFound, Unavailable
 from faas_provider.models import DEFAULT_NAMESPACE
 
@@ -57,48 +57,63 @@ def _request_headers(request: web.Request) -> CIMultiDict[str]:
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
-    """Forward one invocation to a replica of the named function."""
+    """Forward one invocation to a ready replica of the named function."""
     if request.method not in ALLOWED_METHODS:
         raise web.HTTPMethodNotAllowed(request.method, sorted(ALLOWED_METHODS))
     name, namespace = split_name(request.match_info["service"])
     where = f"{name}.{namespace}"
+    resolver = request.app[RESOLVER]
+    suffix = "/" + request.match_info.get("path", "")
+    if request.query_string:
+        suffix += f"?{request.query_string}"
     try:
-        base = await request.app[BACKEND].resolve(name, namespace)
+        base = await resolver.resolve(name, namespace)
+        try:
+            return await forward(request, request.app[UPSTREAM], base + suffix)
+        except aiohttp.ClientConnectorError:
+            # The replica went away before the request reached it: another may take it.
+            base = await resolver.resolve(name, namespace, fresh=True)
+            return await forward(request, request.app[UPSTREAM], base + suffix)
     except NotFound:
         return web.Response(status=404, text=f"function {where} not found")
     except Unavailable as error:
         return web.Response(status=503, text=str(error), headers=INTERNAL)
-    url = f"{base}/{request.match_info.get('path', '')}"
-    if request.query_string:
-        url += f"?{request.query_string}"
+    except (aiohttp.ClientError, TimeoutError) as error:
+        reason = str(error) or type(error).__name__
+        log.warning("invocation of %s failed: %s", where, reason)
+        return web.Response(
+            status=502, text=f"function {where} did not answer: {reason}", headers=INTERNAL
+        )
+
+
+async def forward(
+    request: web.Request, session: aiohttp.ClientSession, url: str
+) -> web.StreamResponse:
+    """Send `request` to `url` and stream the answer back; client errors before the answer
+    started are raised for the caller to report, later ones cut the response short."""
     body = request.content if request.body_exists else None
-    response: web.StreamResponse | None = None
-    try:
-        async with request.app[UPSTREAM].request(
-            request.method,
-            url,
-            headers=_request_headers(request),
-            data=body,
-            allow_redirects=False,
-            auto_decompress=False,
-        ) as upstream:
-            headers = CIMultiDict(
-                (k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
-            )
-            if hdrs.CONTENT_TYPE not in headers:
-                headers[hdrs.CONTENT_TYPE] = request.headers.get(hdrs.CONTENT_TYPE, "text/plain")
-            response = web.StreamResponse(status=upstream.status, headers=headers)
-            await response.prepare(request)
+    async with session.request(
+        request.method,
+        url,
+        headers=_request_headers(request),
+        data=body,
+        allow_redirects=False,
+        auto_decompress=False,
+    ) as upstream:
+        headers = CIMultiDict(
+            (k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
+        )
+        if hdrs.CONTENT_TYPE not in headers:
+            headers[hdrs.CONTENT_TYPE] = request.headers.get(hdrs.CONTENT_TYPE, "text/plain")
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        await response.prepare(request)
+        try:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-            await response.write_eof()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            log.warning("answer from %s cut short: %s", url, error or type(error).__name__)
+            if request.transport is not None:
+                request.transport.close()
             return response
-    except (aiohttp.ClientError, TimeoutError) as error:
-        log.warning("invocation of %s failed: %s", where, error or type(error).__name__)
-        if response is not None:  # headers already sent: all that is left is to cut it short
-            raise web.HTTPBadGateway() from error
-        return web.Response(
-            status=502,
-            text=f"function {where} did not answer: {error or type(error).__name__}",
-            headers=INTERNAL,
-        )
+        await response.write_eof()
+        return response

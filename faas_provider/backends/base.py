@@ -119,5 +119,8 @@ class Backend(Protocol):
     def logs(self, query: LogQuery) -> AsyncIterator[LogMessage]:
         """Log lines of a function's replicas, then (with follow) new ones as they come."""
 
-    async def resolve(self, name: str, namespace: str) -> str:
-        """Base URL of a ready replica; NotFound when unknown, Unavailable when none is ready."""
+    async def endpoints(self, name: str, namespace: str) -> list[str]:
+        """Base URLs of the ready replicas, waiting a while for one that is starting.
+
+        NotFound when the function is unknown, Unavailable when no replica becomes ready.
+        """

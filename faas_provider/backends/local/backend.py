@@ -57,7 +57,6 @@ class LocalFunction:
     replicas: list[Replica] = field(default_factory=list)
     retiring: list[Replica] = field(default_factory=list)
     next_index: int = 0
-    turn: int = 0
     rollout: asyncio.Task[None] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -188,13 +187,10 @@ class LocalBackend:
         await self._store.save(self._state)
         self._reconcile(function)
 
-    async def resolve(self, name: str, namespace: str) -> str:
+    async def endpoints(self, name: str, namespace: str) -> list[str]:
         function = self._function(name, namespace)
-        ready = function.ready()
-        if not ready:
-            ready = await self._wait_ready(function)
-        function.turn = (function.turn + 1) % len(ready)
-        return ready[function.turn].url
+        ready = function.ready() or await self._wait_ready(function)
+        return [replica.url for replica in ready]
 
     # namespaces
 

@@ -1,0 +1,147 @@
+"""An extra worker process of the provider, so invocations can use more than one core.
+
+Workers share the provider's listening port (SO_REUSEPORT: the kernel spreads connections
+across them). A worker proxies /function/* itself, resolving replicas through the provider's
+control socket with a short cache, and passes every other request through to the provider
+unchanged, so there is one backend, one state, one set of /system metrics and one auth check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from faas_provider.api import proxy
+from faas_provider.api.keys import RESOLVER, UPSTREAM
+from faas_provider.api.middleware import basic_auth
+from faas_provider.api.resolver import EndpointSource, Resolver
+from faas_provider.backends.base import NotFound, Unavailable
+from faas_provider.settings import Settings, read_basic_auth
+
+log = logging.getLogger("fast_gshare.worker")
+
+CONTROL_BASE = "http://provider"
+ENDPOINT_TTL_S = 1.0
+CONTROL = web.AppKey("control", aiohttp.ClientSession)
+
+
+def create_worker_app(settings: Settings, control_socket: Path) -> web.Application:
+    """A worker app that talks to the provider listening on the Unix socket `control_socket`.
+
+    The worker checks basic auth itself: the provider trusts what reaches its Unix socket.
+    """
+    middlewares = []
+    if settings.basic_auth:
+        middlewares.append(basic_auth(*read_basic_auth(settings.secret_mount_path)))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024**2)
+    upstream_timeout_s = settings.upstream_timeout_s
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        timeout = aiohttp.ClientTimeout(total=upstream_timeout_s, sock_connect=5)
+        control = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(control_socket), limit=0), timeout=timeout
+        )
+        upstream = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
+        async with control, upstream:
+            app[CONTROL] = control
+            app[UPSTREAM] = upstream
+            app[RESOLVER] = Resolver(_endpoint_source(control), ttl_s=ENDPOINT_TTL_S)
+            yield
+
+    app.cleanup_ctx.append(lifecycle)
+    app.add_routes(
+        [
+            web.route("*", r"/function/{service:[-a-zA-Z_0-9.]+}", proxy.invoke),
+            web.route("*", r"/function/{service:[-a-zA-Z_0-9.]+}/{path:.*}", proxy.invoke),
+            web.route("*", "/{tail:.*}", _to_provider),
+        ]
+    )
+    return app
+
+
+def _endpoint_source(control: aiohttp.ClientSession) -> EndpointSource:
+    async def fetch(name: str, namespace: str) -> list[str]:
+        url = f"{CONTROL_BASE}/system/endpoints/{name}"
+        async with control.get(url, params={"namespace": namespace}) as response:
+            if response.status == 404:
+                raise NotFound(await response.text())
+            if response.status != 200:
+                raise Unavailable(await response.text())
+            return (await response.json())["urls"]
+
+    return fetch
+
+
+async def _to_provider(request: web.Request) -> web.StreamResponse:
+    """Pass a non-invocation request through to the provider process unchanged."""
+    try:
+        return await proxy.forward(request, request.app[CONTROL], CONTROL_BASE + request.path_qs)
+    except (aiohttp.ClientError, TimeoutError) as error:
+        return web.Response(
+            status=502,
+            text=f"the provider process did not answer: {error or type(error).__name__}",
+            headers=proxy.INTERNAL,
+        )
+
+
+async def serve_worker(settings: Settings, control_socket: Path, parent_pid: int) -> None:
+    """Run one worker on the shared port until the provider process that started it is gone."""
+    runner = web.AppRunner(create_worker_app(settings, control_socket), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+    try:
+        while os.getppid() == parent_pid:  # noqa: ASYNC110 - no event tells of a parent's death
+            await asyncio.sleep(1.0)
+    finally:
+        await runner.cleanup()
+
+
+class WorkerPool:
+    """The provider's extra worker processes, restarted when one exits, stopped with it."""
+
+    def __init__(self, settings: Settings, control_socket: Path, count: int) -> None:
+        self._argv = [
+            sys.executable,
+            "-m",
+            "faas_provider.cli",
+            "worker",
+            f"--control-socket={control_socket}",
+            f"--host={settings.host}",
+            f"--port={settings.port}",
+            f"--parent-pid={os.getpid()}",
+            f"--secret-mount-path={settings.secret_mount_path}",
+        ] + (["--basic-auth"] if settings.basic_auth else [])
+        self._count = count
+        self._tasks: list[asyncio.Task[None]] = []
+        self._processes: dict[int, asyncio.subprocess.Process] = {}
+
+    def start(self) -> None:
+        """Start the workers."""
+        self._tasks = [asyncio.create_task(self._supervise(i)) for i in range(self._count)]
+
+    async def stop(self) -> None:
+        """Stop the workers and wait for them to exit."""
+        for task in self._tasks:
+            task.cancel()
+        for process in self._processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+        await asyncio.gather(*(p.wait() for p in self._processes.values()))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _supervise(self, index: int) -> None:
+        while True:
+            process = await asyncio.create_subprocess_exec(*self._argv)
+            self._processes[index] = process
+            log.info("worker %d started (pid %d)", index + 1, process.pid)
+            code = await process.wait()
+            log.warning("worker %d exited (code %s); restarting in 1 s", index + 1, code)
+            await asyncio.sleep(1.0)
