@@ -1,0 +1,1 @@
+"""The watchdog-compatible runtime that serves one function replica (fprocess or handler.py)."""
