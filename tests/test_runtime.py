@@ -29,7 +29,7 @@ from faas_provider.runtime.watchdog import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-RUNTIME = [sys.executable, "-m", "faas_provider.runtime"]
+RUNTIME_COMMAND = [sys.executable, "-m", "faas_provider.runtime"]
 DURATION = re.compile(r"\d+\.\d{6}")
 
 # Prints the Http_* variables (and one of the function's own) it was given, as JSON.
@@ -107,7 +107,7 @@ def runtime_env(extra: dict[str, str]) -> dict[str, str]:
 async def spawn(*args: str, env: dict[str, str] | None = None) -> Replica:
     """Start the runtime; stderr is collected into `Replica.stderr` in the background."""
     process = await asyncio.create_subprocess_exec(
-        *RUNTIME,
+        *RUNTIME_COMMAND,
         *args,
         env=runtime_env(env or {}),
         cwd=REPO,
@@ -575,7 +575,7 @@ async def test_exits_with_its_parent_killing_fprocess_children(
     # The parent is a shell that prints its pid and starts the runtime. Its own parent then
     # becomes `sleep`, which never reaps it: killed with -9 it stays a zombie, as a provider
     # killed with -9 may, and a zombie still answers kill(pid, 0).
-    parent = " ".join(RUNTIME) + " --port 0 --parent-pid $$ & echo $$; wait"
+    parent = " ".join(RUNTIME_COMMAND) + " --port 0 --parent-pid $$ & echo $$; wait"
     holder = await asyncio.create_subprocess_exec(
         "sh",
         "-c",
