@@ -18,6 +18,7 @@ from pathlib import Path
 from faas_provider.backends.base import InvalidRequest
 from faas_provider.models import FunctionDeployment
 
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -48,6 +49,8 @@ def launch_spec(
     argv += ["--parent-pid", str(os.getpid())]
     env = dict(os.environ)
     env.update(deployment.env_vars)
+    # the runtime must import from wherever the provider runs, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
     env["secret_mount_path"] = str(secrets_dir)
     if deployment.env_process:
         env["fprocess"] = deployment.env_process
