@@ -1,0 +1,126 @@
+"""`fast-gshare up` end to end: the README's first command as a real process, with workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _call(port: int, path: str, body: bytes | None = None, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        found.update(int(child) for child in children)
+    return found
+
+
+@contextmanager
+def provider(state_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Run `fast-gshare up --stack stack.yml` until its function table is printed."""
+    port = _free_port()
+    command = [sys.executable, "-m", "faas_provider.cli", "up", "--stack", "stack.yml"]
+    command += ["--port", str(port), "--state-dir", str(state_dir), *extra]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert process.stdout is not None
+        printed = [process.stdout.readline() for _ in range(3)]
+        assert f"http://127.0.0.1:{port}" in printed[0], printed
+        assert any("/function/echo" in line for line in printed), printed
+        yield process, port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def _wait_ready(port: int, name: str) -> None:
+    for _ in range(200):
+        status, body = _call(port, f"/system/function/{name}")
+        if status == 200 and json.loads(body)["availableReplicas"] > 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} never became ready")
+
+
+def test_up_serves_the_stack_and_a_restart_keeps_it(tmp_path: Path) -> None:
+    with provider(tmp_path) as (process, port):
+        _wait_ready(port, "echo")
+        _wait_ready(port, "tiny-cpu")
+        assert _call(port, "/function/echo", b"hi", "POST") == (200, "hi")
+        status, body = _call(
+            port, "/function/tiny-cpu", json.dumps({"inputs": [[0.5] * 64]}).encode(), "POST"
+        )
+        assert status == 200 and len(json.loads(body)["predictions"]) == 1
+        assert _call(port, "/system/scale-function/echo", b'{"replicas": 2}', "POST")[0] == 202
+        replicas = _children(process.pid)
+    assert process.returncode == 0
+    time.sleep(0.5)
+    for pid in replicas:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    with provider(tmp_path) as (_, port):
+        _wait_ready(port, "echo")
+        status, body = _call(port, "/system/function/echo")
+        assert json.loads(body)["replicas"] == 2
+
+
+def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) -> None:
+    with provider(tmp_path, "--workers", "2") as (process, port):
+        _wait_ready(port, "echo")
+        workers = [
+            pid
+            for pid in _children(process.pid)
+            if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 1
+        # many fresh connections: the kernel spreads them over both processes
+        for index in range(40):
+            assert _call(port, "/function/echo", str(index).encode(), "POST") == (200, str(index))
+            status, body = _call(port, "/system/functions")
+            assert status == 200 and "echo" in body
+        status, _ = _call(port, "/system/logs?name=echo&tail=1")
+        assert status == 200
+        # a worker that dies is replaced; once it is gone the port answers without it
+        os.kill(workers[0], signal.SIGKILL)
+        while Path(f"/proc/{workers[0]}").exists():
+            time.sleep(0.01)
+        for _ in range(20):
+            assert _call(port, "/function/echo", b"x", "POST") == (200, "x")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = [
+                pid
+                for pid in _children(process.pid)
+                if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
+            if alive and alive != workers:
+                break
+            time.sleep(0.2)
+        assert alive and alive != workers
