@@ -12,7 +12,7 @@ import logging
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from faas_provider.api.keys import RESOLVER, UPSTREAM
 from faas_provider.backends.base import NotFound, Unavailable
@@ -21,8 +21,8 @@ from faas_provider.models import DEFAULT_NAMESPACE
 log = logging.getLogger("fast_gshare.proxy")
 
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
-_HOP_BY_HOP = frozenset(
-    h.lower()
+_HOP_BY_HOP = tuple(
+    istr(h)
     for h in (
         hdrs.CONNECTION,
         hdrs.KEEP_ALIVE,
@@ -36,6 +36,7 @@ _HOP_BY_HOP = frozenset(
     )
 )
 INTERNAL = {"X-OpenFaaS-Internal": "proxy"}
+BUFFER_LIMIT = 1024 * 1024
 
 
 def split_name(service: str) -> tuple[str, str]:
@@ -46,10 +47,16 @@ def split_name(service: str) -> tuple[str, str]:
     return name, namespace or DEFAULT_NAMESPACE
 
 
+def _without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    copy = headers.copy()
+    for name in _HOP_BY_HOP:
+        if name in copy:
+            copy.popall(name)
+    return copy
+
+
 def _request_headers(request: web.Request) -> CIMultiDict[str]:
-    headers = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
-    )
+    headers = _without_hop_by_hop(request.headers)
     headers["X-Forwarded-Host"] = request.host
     if request.remote:
         headers["X-Forwarded-For"] = request.remote
@@ -89,9 +96,20 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 async def forward(
     request: web.Request, session: aiohttp.ClientSession, url: str
 ) -> web.StreamResponse:
-    """Send `request` to `url` and stream the answer back; client errors before the answer
-    started are raised for the caller to report, later ones cut the response short."""
-    body = request.content if request.body_exists else None
+    """Send `request` to `url` and pass the answer back; client errors before the answer
+    started are raised for the caller to report, later ones cut the response short.
+
+    Bodies of known size up to BUFFER_LIMIT go whole, headers and body in one write each way
+    (on loopback every write is a system call that costs as much as the rest of the proxying);
+    larger bodies and answers of unknown length (server-sent events, NDJSON) are streamed.
+    """
+    length = request.content_length
+    if not request.body_exists:
+        body: bytes | aiohttp.StreamReader | None = None
+    elif length is not None and length <= BUFFER_LIMIT:
+        body = await request.read()
+    else:
+        body = request.content
     async with session.request(
         request.method,
         url,
@@ -100,11 +118,15 @@ async def forward(
         allow_redirects=False,
         auto_decompress=False,
     ) as upstream:
-        headers = CIMultiDict(
-            (k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
-        )
+        headers = _without_hop_by_hop(upstream.headers)
         if hdrs.CONTENT_TYPE not in headers:
             headers[hdrs.CONTENT_TYPE] = request.headers.get(hdrs.CONTENT_TYPE, "text/plain")
+        answer_length = upstream.content_length
+        if answer_length is not None and answer_length <= BUFFER_LIMIT:
+            content = await upstream.read()
+            if request.method != "HEAD":  # a HEAD answer keeps the length of the body it lacks
+                headers.pop(hdrs.CONTENT_LENGTH, None)  # set again from the body
+            return web.Response(status=upstream.status, headers=headers, body=content or None)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
         try:
