@@ -39,9 +39,17 @@ STEERABLE_HANDLER = textwrap.dedent(
             path = os.path.join(os.environ["secret_mount_path"], command.split()[1])
             mode = oct(os.stat(path).st_mode & 0o777)
             return {"statusCode": 200, "body": {"value": open(path).read(), "mode": mode}}
+        if command == "cookie":
+            return {"statusCode": 200, "body": "", "headers": {"Set-Cookie": "session=abc"}}
         return {
             "statusCode": 200,
-            "body": {"pid": os.getpid(), "calls": calls, "env": os.environ.get("GREETING")},
+            "body": {
+                "pid": os.getpid(),
+                "calls": calls,
+                "env": os.environ.get("GREETING"),
+                "cookie": event.headers.get("Cookie"),
+                "accept": event.headers.get("Accept"),
+            },
         }
     """
 )

@@ -117,3 +117,15 @@ async def test_crash_mid_request_is_502_and_other_functions_keep_serving(
     await wait_available(client, "steer")
     again = await client.post("/function/steer", data=b"")
     assert again.status == 200
+
+
+async def test_no_cookie_or_header_of_one_call_reaches_another(client: TestClient) -> None:
+    assert await faas_cli_deploy(client, STEER) == 202
+    await wait_available(client, "steer")
+    setting = await client.post("/function/steer", data=b"cookie")
+    assert setting.headers["Set-Cookie"] == "session=abc", "the caller gets the cookie"
+    client.session.cookie_jar.clear()
+    later = await client.post("/function/steer", data=b"", skip_auto_headers=["Accept"])
+    body = await later.json()
+    assert body["cookie"] is None, "the provider must not keep one caller's cookies for another"
+    assert body["accept"] is None, "the provider must not add headers the caller did not send"

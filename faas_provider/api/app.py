@@ -7,7 +7,6 @@ import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -66,9 +65,7 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    timeout = aiohttp.ClientTimeout(total=app[SETTINGS].upstream_timeout_s, sock_connect=5)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as upstream:
+    async with proxy.upstream_session(app[SETTINGS].upstream_timeout_s) as upstream:
         app[UPSTREAM] = upstream
         await app[BACKEND].start()
         try:

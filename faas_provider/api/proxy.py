@@ -39,6 +39,21 @@ INTERNAL = {"X-OpenFaaS-Internal": "proxy"}
 BUFFER_LIMIT = 1024 * 1024
 
 
+def upstream_session(
+    timeout_s: float, connector: aiohttp.BaseConnector | None = None
+) -> aiohttp.ClientSession:
+    """A client session fit for proxying: it keeps no cookies (an answer's cookies are for its
+    caller, not for the next one), adds no headers the caller did not send, decompresses
+    nothing and limits no connections."""
+    return aiohttp.ClientSession(
+        connector=connector or aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=5),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
+        auto_decompress=False,
+    )
+
+
 def split_name(service: str) -> tuple[str, str]:
     """`name.namespace` split on the last dot; a bare name is in the default namespace."""
     name, dot, namespace = service.rpartition(".")
@@ -116,7 +131,6 @@ async def forward(
         headers=_request_headers(request),
         data=body,
         allow_redirects=False,
-        auto_decompress=False,
     ) as upstream:
         headers = _without_hop_by_hop(upstream.headers)
         if hdrs.CONTENT_TYPE not in headers:

@@ -42,14 +42,12 @@ def create_worker_app(settings: Settings, control_socket: Path) -> web.Applicati
     if settings.basic_auth:
         middlewares.append(basic_auth(*read_basic_auth(settings.secret_mount_path)))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024**2)
-    upstream_timeout_s = settings.upstream_timeout_s
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        timeout = aiohttp.ClientTimeout(total=upstream_timeout_s, sock_connect=5)
-        control = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(control_socket), limit=0), timeout=timeout
+        control = proxy.upstream_session(
+            settings.upstream_timeout_s, aiohttp.UnixConnector(path=str(control_socket), limit=0)
         )
-        upstream = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
+        upstream = proxy.upstream_session(settings.upstream_timeout_s)
         async with control, upstream:
             app[CONTROL] = control
             app[UPSTREAM] = upstream
