@@ -129,3 +129,12 @@ async def test_no_cookie_or_header_of_one_call_reaches_another(client: TestClien
     body = await later.json()
     assert body["cookie"] is None, "the provider must not keep one caller's cookies for another"
     assert body["accept"] is None, "the provider must not add headers the caller did not send"
+
+
+async def test_encoded_paths_and_queries_reach_the_function_as_sent(client: TestClient) -> None:
+    assert await faas_cli_deploy(client, ENV_DUMP) == 202
+    await wait_available(client, "envdump")
+    response = await client.get("/function/envdump/files/a%20b%3Fc?q=x%26y&r=1")
+    env = await response.text()
+    assert "Http_Path=/files/a b?c" in env  # decoded, as Go's URL.Path is
+    assert "Http_Query=q=x%26y&r=1" in env  # raw, as the watchdog passes it

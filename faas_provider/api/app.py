@@ -15,6 +15,7 @@ from faas_provider.api import functions, logs, namespaces, proxy, secrets
 from faas_provider.api.keys import BACKEND, METRICS, RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.middleware import ProviderMetrics, basic_auth, errors
 from faas_provider.api.resolver import Resolver
+from faas_provider.api.upstream import UpstreamPool
 from faas_provider.backends.base import Backend
 from faas_provider.settings import Settings, read_basic_auth
 
@@ -65,13 +66,13 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    async with proxy.upstream_session(app[SETTINGS].upstream_timeout_s) as upstream:
-        app[UPSTREAM] = upstream
-        await app[BACKEND].start()
-        try:
-            yield
-        finally:
-            await app[BACKEND].close()
+    app[UPSTREAM] = UpstreamPool()
+    await app[BACKEND].start()
+    try:
+        yield
+    finally:
+        await app[BACKEND].close()
+        await app[UPSTREAM].close()
 
 
 async def info(request: web.Request) -> web.Response:

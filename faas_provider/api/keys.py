@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from faas_provider.api.middleware import ProviderMetrics
 from faas_provider.api.resolver import Resolver
+from faas_provider.api.upstream import UpstreamPool
 from faas_provider.backends.base import Backend
 from faas_provider.settings import Settings
 
 BACKEND = web.AppKey("backend", Backend)
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", ProviderMetrics)
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamPool)
 RESOLVER = web.AppKey("resolver", Resolver)

@@ -8,13 +8,15 @@ streamed as it comes. Unknown function: 404. No reachable replica: 502/503 with
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterable
 
-import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from faas_provider.api.keys import RESOLVER, UPSTREAM
+from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
+from faas_provider.api.upstream import ConnectFailed, UpstreamError, parse_base_url
 from faas_provider.backends.base import NotFound, Unavailable
 from faas_provider.models import DEFAULT_NAMESPACE
 
@@ -33,25 +35,11 @@ _HOP_BY_HOP = tuple(
         hdrs.TRANSFER_ENCODING,
         hdrs.UPGRADE,
         hdrs.HOST,
+        hdrs.EXPECT,  # the proxy answers 100-continue itself
     )
 )
 INTERNAL = {"X-OpenFaaS-Internal": "proxy"}
 BUFFER_LIMIT = 1024 * 1024
-
-
-def upstream_session(
-    timeout_s: float, connector: aiohttp.BaseConnector | None = None
-) -> aiohttp.ClientSession:
-    """A client session fit for proxying: it keeps no cookies (an answer's cookies are for its
-    caller, not for the next one), adds no headers the caller did not send, decompresses
-    nothing and limits no connections."""
-    return aiohttp.ClientSession(
-        connector=connector or aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=5),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
-        auto_decompress=False,
-    )
 
 
 def split_name(service: str) -> tuple[str, str]:
@@ -62,7 +50,7 @@ def split_name(service: str) -> tuple[str, str]:
     return name, namespace or DEFAULT_NAMESPACE
 
 
-def _without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def _without_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     copy = headers.copy()
     for name in _HOP_BY_HOP:
         if name in copy:
@@ -72,6 +60,7 @@ def _without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def _request_headers(request: web.Request) -> CIMultiDict[str]:
     headers = _without_hop_by_hop(request.headers)
+    headers.popall(hdrs.CONTENT_LENGTH, None)  # set again for the body as it is sent
     headers["X-Forwarded-Host"] = request.host
     if request.remote:
         headers["X-Forwarded-For"] = request.remote
@@ -82,25 +71,27 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     """Forward one invocation to a ready replica of the named function."""
     if request.method not in ALLOWED_METHODS:
         raise web.HTTPMethodNotAllowed(request.method, sorted(ALLOWED_METHODS))
-    name, namespace = split_name(request.match_info["service"])
+    service = request.match_info["service"]
+    name, namespace = split_name(service)
     where = f"{name}.{namespace}"
     resolver = request.app[RESOLVER]
-    suffix = "/" + request.match_info.get("path", "")
-    if request.query_string:
-        suffix += f"?{request.query_string}"
+    # The path and query exactly as the caller encoded them, less /function/<service>.
+    target = request.raw_path[len("/function/") + len(service) :]
+    if not target.startswith("/"):
+        target = "/" + target
     try:
         base = await resolver.resolve(name, namespace)
         try:
-            return await forward(request, request.app[UPSTREAM], base + suffix)
-        except aiohttp.ClientConnectorError:
+            return await forward(request, base, target)
+        except ConnectFailed:
             # The replica went away before the request reached it: another may take it.
             base = await resolver.resolve(name, namespace, fresh=True)
-            return await forward(request, request.app[UPSTREAM], base + suffix)
+            return await forward(request, base, target)
     except NotFound:
         return web.Response(status=404, text=f"function {where} not found")
     except Unavailable as error:
         return web.Response(status=503, text=str(error), headers=INTERNAL)
-    except (aiohttp.ClientError, TimeoutError) as error:
+    except (UpstreamError, TimeoutError) as error:
         reason = str(error) or type(error).__name__
         log.warning("invocation of %s failed: %s", where, reason)
         return web.Response(
@@ -108,46 +99,51 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         )
 
 
-async def forward(
-    request: web.Request, session: aiohttp.ClientSession, url: str
-) -> web.StreamResponse:
-    """Send `request` to `url` and pass the answer back; client errors before the answer
-    started are raised for the caller to report, later ones cut the response short.
+async def forward(request: web.Request, base: str, target: str) -> web.StreamResponse:
+    """Send `request` to `target` on the upstream at `base` and pass the answer back.
 
-    Bodies of known size up to BUFFER_LIMIT go whole, headers and body in one write each way
-    (on loopback every write is a system call that costs as much as the rest of the proxying);
-    larger bodies and answers of unknown length (server-sent events, NDJSON) are streamed.
+    Errors before the answer started are raised for the caller to report; later ones cut the
+    response short. Bodies of known size up to BUFFER_LIMIT go whole, head and body in one
+    write each way (on loopback every write is a system call that costs as much as the rest
+    of the proxying); larger bodies and answers of unknown length (server-sent events,
+    NDJSON) are streamed as they come.
     """
     length = request.content_length
     if not request.body_exists:
-        body: bytes | aiohttp.StreamReader | None = None
+        body: bytes | AsyncIterable[bytes] | None = None
     elif length is not None and length <= BUFFER_LIMIT:
         body = await request.read()
     else:
-        body = request.content
-    async with session.request(
-        request.method,
-        url,
-        headers=_request_headers(request),
-        data=body,
-        allow_redirects=False,
-    ) as upstream:
+        body = request.content.iter_any()
+    settings = request.app[SETTINGS]
+    async with (
+        asyncio.timeout(settings.upstream_timeout_s),
+        request.app[UPSTREAM].request(
+            parse_base_url(base), request.method, target, _request_headers(request), body
+        ) as upstream,
+    ):
         headers = _without_hop_by_hop(upstream.headers)
         if hdrs.CONTENT_TYPE not in headers:
             headers[hdrs.CONTENT_TYPE] = request.headers.get(hdrs.CONTENT_TYPE, "text/plain")
-        answer_length = upstream.content_length
-        if answer_length is not None and answer_length <= BUFFER_LIMIT:
+        if upstream.length is not None and upstream.length <= BUFFER_LIMIT:
             content = await upstream.read()
             if request.method != "HEAD":  # a HEAD answer keeps the length of the body it lacks
-                headers.pop(hdrs.CONTENT_LENGTH, None)  # set again from the body
-            return web.Response(status=upstream.status, headers=headers, body=content or None)
-        response = web.StreamResponse(status=upstream.status, headers=headers)
+                headers.popall(hdrs.CONTENT_LENGTH, None)  # set again from the body
+            return web.Response(
+                status=upstream.status,
+                reason=upstream.reason or None,
+                headers=headers,
+                body=content or None,
+            )
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason or None, headers=headers
+        )
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as error:
-            log.warning("answer from %s cut short: %s", url, error or type(error).__name__)
+        except (UpstreamError, TimeoutError) as error:
+            log.warning("answer from %s cut short: %s", base, error or type(error).__name__)
             if request.transport is not None:
                 request.transport.close()
             return response

@@ -10,27 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlencode
 
-import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from faas_provider.api import proxy
-from faas_provider.api.keys import RESOLVER, UPSTREAM
+from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.middleware import basic_auth
 from faas_provider.api.resolver import EndpointSource, Resolver
+from faas_provider.api.upstream import UpstreamError, UpstreamPool, parse_base_url
 from faas_provider.backends.base import NotFound, Unavailable
 from faas_provider.settings import Settings, read_basic_auth
 
 log = logging.getLogger("fast_gshare.worker")
 
-CONTROL_BASE = "http://provider"
 ENDPOINT_TTL_S = 1.0
-CONTROL = web.AppKey("control", aiohttp.ClientSession)
 
 
 def create_worker_app(settings: Settings, control_socket: Path) -> web.Application:
@@ -42,52 +43,54 @@ def create_worker_app(settings: Settings, control_socket: Path) -> web.Applicati
     if settings.basic_auth:
         middlewares.append(basic_auth(*read_basic_auth(settings.secret_mount_path)))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024**2)
+    app[SETTINGS] = settings
+    control = f"unix:{control_socket}"
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        control = proxy.upstream_session(
-            settings.upstream_timeout_s, aiohttp.UnixConnector(path=str(control_socket), limit=0)
-        )
-        upstream = proxy.upstream_session(settings.upstream_timeout_s)
-        async with control, upstream:
-            app[CONTROL] = control
-            app[UPSTREAM] = upstream
-            app[RESOLVER] = Resolver(_endpoint_source(control), ttl_s=ENDPOINT_TTL_S)
+        pool = UpstreamPool()
+        app[UPSTREAM] = pool
+        app[RESOLVER] = Resolver(_endpoint_source(pool, control), ttl_s=ENDPOINT_TTL_S)
+        try:
             yield
+        finally:
+            await pool.close()
+
+    async def to_provider(request: web.Request) -> web.StreamResponse:
+        """Pass a non-invocation request through to the provider process unchanged."""
+        try:
+            return await proxy.forward(request, control, request.raw_path)
+        except (UpstreamError, TimeoutError) as error:
+            return web.Response(
+                status=502,
+                text=f"the provider process did not answer: {error or type(error).__name__}",
+                headers=proxy.INTERNAL,
+            )
 
     app.cleanup_ctx.append(lifecycle)
     app.add_routes(
         [
             web.route("*", r"/function/{service:[-a-zA-Z_0-9.]+}", proxy.invoke),
             web.route("*", r"/function/{service:[-a-zA-Z_0-9.]+}/{path:.*}", proxy.invoke),
-            web.route("*", "/{tail:.*}", _to_provider),
+            web.route("*", "/{tail:.*}", to_provider),
         ]
     )
     return app
 
 
-def _endpoint_source(control: aiohttp.ClientSession) -> EndpointSource:
+def _endpoint_source(pool: UpstreamPool, control: str) -> EndpointSource:
+    address = parse_base_url(control)
+
     async def fetch(name: str, namespace: str) -> list[str]:
-        url = f"{CONTROL_BASE}/system/endpoints/{name}"
-        async with control.get(url, params={"namespace": namespace}) as response:
-            if response.status == 404:
-                raise NotFound(await response.text())
-            if response.status != 200:
-                raise Unavailable(await response.text())
-            return (await response.json())["urls"]
+        target = f"/system/endpoints/{name}?{urlencode({'namespace': namespace})}"
+        async with pool.request(address, "GET", target, CIMultiDict(), None) as response:
+            text = (await response.read()).decode()
+        if response.status == 404:
+            raise NotFound(text)
+        if response.status != 200:
+            raise Unavailable(text)
+        return json.loads(text)["urls"]
 
     return fetch
-
-
-async def _to_provider(request: web.Request) -> web.StreamResponse:
-    """Pass a non-invocation request through to the provider process unchanged."""
-    try:
-        return await proxy.forward(request, request.app[CONTROL], CONTROL_BASE + request.path_qs)
-    except (aiohttp.ClientError, TimeoutError) as error:
-        return web.Response(
-            status=502,
-            text=f"the provider process did not answer: {error or type(error).__name__}",
-            headers=proxy.INTERNAL,
-        )
 
 
 async def serve_worker(settings: Settings, control_socket: Path, parent_pid: int) -> None:
