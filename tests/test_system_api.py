@@ -69,6 +69,13 @@ async def test_namespaces(client: TestClient) -> None:
     assert created.status == 201
     assert (await client.post("/system/namespace/team-a")).status == 409
     assert (await client.post("/system/namespace/Team_A")).status == 400
+    # faas-cli's form: no name in the path, the name in the body
+    by_body = await client.post(
+        "/system/namespace/", json={"name": "team-b", "labels": {"openfaas": "1"}}
+    )
+    assert by_body.status == 201
+    assert (await client.post("/system/namespace/", json={"name": "../x"})).status == 400
+    assert (await client.post("/system/namespace/", json={})).status == 400
     got = await (await client.get("/system/namespace/team-a")).json()
     assert got == {"name": "team-a", "labels": {"x": "1"}, "annotations": {}}
     assert await faas_cli_deploy(client, {**ECHO, "namespace": "team-a"}) == 202
@@ -103,6 +110,9 @@ async def test_logs_tail_since_and_bad_parameters(client: TestClient) -> None:
     assert set(first) == {"name", "namespace", "instance", "timestamp", "text"}
     assert first["name"] == "echo" and first["instance"] == "echo-0"
     assert len(await _log_lines(client, "name=echo&tail=2")) == 2
+    # faas-cli's default is tail=-1: as in faas-provider, <= 0 means every line
+    assert len(await _log_lines(client, "name=echo&tail=-1&follow=false")) == len(lines)
+    assert len(await _log_lines(client, "name=echo&tail=0")) == len(lines)
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat().replace("+00:00", "Z")
     assert await _log_lines(client, f"name=echo&since={future}") == []
     assert (await client.get("/system/logs?name=echo&tail=ten")).status == 422
@@ -114,7 +124,8 @@ async def test_logs_tail_since_and_bad_parameters(client: TestClient) -> None:
 async def test_logs_follow_streams_new_lines_as_they_come(client: TestClient) -> None:
     assert await faas_cli_deploy(client, ECHO) == 202
     await wait_available(client, "echo")
-    response = await client.get("/system/logs?name=echo&follow=true&tail=0")
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    response = await client.get(f"/system/logs?name=echo&follow=true&since={now}")
     assert response.status == 200
     await client.post("/function/echo", data=b"x")
     line = await asyncio.wait_for(response.content.readline(), 5)

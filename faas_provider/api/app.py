@@ -49,6 +49,7 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
             web.get("/system/namespaces", namespaces.list_namespaces),
             web.get("/system/namespace/{name}", namespaces.get_namespace),
             web.post("/system/namespace/{name}", namespaces.create_namespace),
+            web.post("/system/namespace/", namespaces.create_namespace),  # name in the body
             web.put("/system/namespace/{name}", namespaces.update_namespace),
             web.delete("/system/namespace/{name}", namespaces.delete_namespace),
             web.get("/system/secrets", secrets.list_secrets),

@@ -24,7 +24,7 @@ def _query(request: web.Request) -> LogQuery:
     tail: int | None = None
     if params.get("tail"):
         try:
-            tail = int(params["tail"])
+            tail = int(params["tail"])  # as faas-provider: <= 0 means every line
         except ValueError:
             raise web.HTTPUnprocessableEntity(
                 text=f"tail must be a whole number of lines, not {params['tail']!r}"
@@ -45,7 +45,7 @@ def _query(request: web.Request) -> LogQuery:
         name=name,
         namespace=namespace_param(request),
         instance=params.get("instance") or None,
-        tail=tail,
+        tail=tail if tail is not None and tail > 0 else None,
         since=since,
         follow=follow,
     )

@@ -9,9 +9,10 @@ from faas_provider.api.params import read_model
 from faas_provider.models import NamespaceRequest, check_dns_label
 
 
-def _name(request: web.Request) -> str:
+def _name(request: web.Request, body: NamespaceRequest | None = None) -> str:
+    name = request.match_info.get("name") or (body.name if body else None) or ""
     try:
-        return check_dns_label(request.match_info["name"], "namespace")
+        return check_dns_label(name, "namespace")
     except ValueError as error:
         raise web.HTTPBadRequest(text=str(error)) from error
 
@@ -27,10 +28,11 @@ async def get_namespace(request: web.Request) -> web.Response:
 
 
 async def create_namespace(request: web.Request) -> web.Response:
-    """POST /system/namespace/{name}: 201, or 409 when it exists."""
-    name = _name(request)
+    """POST /system/namespace/{name}, or /system/namespace/ with the name in the body (as
+    faas-cli sends it): 201, or 409 when it exists."""
     body = await read_model(request, NamespaceRequest) if request.can_read_body else None
     body = body or NamespaceRequest()
+    name = _name(request, body)
     await request.app[BACKEND].create_namespace(name, body.labels, body.annotations)
     return web.Response(status=201)
 

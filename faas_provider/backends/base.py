@@ -51,7 +51,7 @@ class LogQuery:
     name: str
     namespace: str
     instance: str | None = None
-    tail: int | None = None
+    tail: int | None = None  # the last `tail` stored lines; None: all of them
     since: datetime | None = None
     follow: bool = False
 

@@ -45,7 +45,7 @@ class LogStore:
         try:
             stored = [m for m in self._lines.get(key, ()) if _matches(m, query)]
             if query.tail is not None:
-                stored = stored[-query.tail :] if query.tail > 0 else []
+                stored = stored[-query.tail :]
             for message in stored:
                 yield message
             while query.follow:
