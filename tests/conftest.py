@@ -39,6 +39,8 @@ STEERABLE_HANDLER = textwrap.dedent(
             path = os.path.join(os.environ["secret_mount_path"], command.split()[1])
             mode = oct(os.stat(path).st_mode & 0o777)
             return {"statusCode": 200, "body": {"value": open(path).read(), "mode": mode}}
+        if command.startswith("shout "):
+            print("x" * int(command.split()[1]), flush=True)
         if command == "cookie":
             return {"statusCode": 200, "body": "", "headers": {"Set-Cookie": "session=abc"}}
         return {

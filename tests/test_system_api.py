@@ -121,6 +121,18 @@ async def test_logs_tail_since_and_bad_parameters(client: TestClient) -> None:
     assert (await client.get("/system/logs")).status == 400
 
 
+async def test_an_overlong_output_line_neither_stalls_the_replica_nor_is_lost(
+    client: TestClient,
+) -> None:
+    assert await faas_cli_deploy(client, STEER) == 202
+    await wait_available(client, "steer")
+    for _ in range(3):  # 900 kB: far past any pipe buffer if nobody read it
+        response = await asyncio.wait_for(client.post("/function/steer", data=b"shout 300000"), 10)
+        assert response.status == 200
+    lines = await _log_lines(client, "name=steer")
+    assert sum(line["text"].count("x") for line in lines) == 900_000
+
+
 async def test_logs_follow_streams_new_lines_as_they_come(client: TestClient) -> None:
     assert await faas_cli_deploy(client, ECHO) == 202
     await wait_available(client, "echo")

@@ -29,6 +29,7 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 30.0
 STOP_GRACE_S = 5.0
+_READ_BLOCK = 64 * 1024
 
 LineSink = Callable[[str, str], None]
 ChangeHook = Callable[[], None]
@@ -138,14 +139,24 @@ class Replica:
                 reader.cancel()
 
     async def _read(self, stream: asyncio.StreamReader, look_for_port: bool) -> None:
+        """Pass the stream's lines on; reads in blocks, so a busy replica's per-request log
+        lines cost one wake-up for many, and a line of any length never stalls the pipe."""
         health: asyncio.Task[None] | None = None
+        pending = b""
         try:
-            while raw := await stream.readline():
-                line = raw.decode(errors="replace").rstrip("\n")
-                if look_for_port and self._port is None and (match := _LISTENING.match(line)):
-                    self._port = int(match.group(1))
-                    health = asyncio.create_task(self._watch_health())
-                self._on_line(self.instance, line)
+            while block := await stream.read(_READ_BLOCK):
+                *lines, pending = (pending + block).split(b"\n")
+                if len(pending) >= _READ_BLOCK:  # an overlong line is passed on in parts
+                    lines.append(pending)
+                    pending = b""
+                for raw in lines:
+                    line = raw.decode(errors="replace")
+                    if look_for_port and self._port is None and (match := _LISTENING.match(line)):
+                        self._port = int(match.group(1))
+                        health = asyncio.create_task(self._watch_health())
+                    self._on_line(self.instance, line)
+            if pending:
+                self._on_line(self.instance, pending.decode(errors="replace"))
         finally:
             if health is not None:
                 health.cancel()
