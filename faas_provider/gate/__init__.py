@@ -1,0 +1,1 @@
+"""The time-quota gate: the per-GPU token scheduler, its service and the per-replica proxy."""

@@ -1,0 +1,131 @@
+"""The time-quota scheduler of one GPU: who may run now, for how long. Pure logic, no I/O.
+
+Time is cut into windows (default 100 ms). A replica ("client") may run only while it holds a
+token; the time from grant to release is charged to it. Those under their guaranteed request
+are served first (least served first), then those under their limit; nobody is granted past its
+limit. Tokens are not exclusive: several clients hold them at once as long as their SM
+partitions sum to at most 100, so temporal sharing keeps what MPS's spatial sharing gains.
+A lease ends at the window's end or when the client's current budget (request, then limit) is
+spent; work that runs on past it is charged all the same, and what a window's charge exceeds
+the limit by is carried into the next window as debt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_LEASE_S = 0.001  # less budget than this left counts as none: no lease that short
+
+
+@dataclass
+class _Client:
+    sm_percent: int
+    request: float
+    limit: float
+    used_s: float = 0.0
+    waiting_since: float | None = None
+    held_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A token handed to `client`, valid until `lease_end` (scheduler time, seconds)."""
+
+    client: str
+    lease_end: float
+
+
+class QuotaScheduler:
+    """Tokens of one GPU. Every method takes the current time; times are seconds."""
+
+    def __init__(self, window_s: float = 0.1, now: float = 0.0) -> None:
+        if window_s <= 0:
+            raise ValueError("the window must be longer than 0 s")
+        self.window_s = window_s
+        self._origin = now
+        self._windows = 1
+        self.window_end = now + window_s
+        self._clients: dict[str, _Client] = {}
+
+    def register(self, client: str, sm_percent: int, request: float, limit: float) -> None:
+        """Add a client with its SM partition (1..100), request and limit (0 < r <= l <= 1)."""
+        if not (1 <= sm_percent <= 100 and 0 < request <= limit <= 1):
+            raise ValueError(f"bad share for {client}: sm {sm_percent}, {request}..{limit}")
+        self._clients[client] = _Client(sm_percent, request, limit)
+
+    def unregister(self, client: str, now: float) -> None:
+        """Remove a client, returning its token if it held one."""
+        self.release(client, now)
+        self._clients.pop(client, None)
+
+    def want(self, client: str, now: float) -> None:
+        """The client asks for a token (it is granted by a later `schedule`)."""
+        self._roll(now)
+        state = self._clients[client]
+        if state.held_since is None and state.waiting_since is None:
+            state.waiting_since = now
+
+    def release(self, client: str, now: float) -> None:
+        """The client gives its token back; the time it held it is charged."""
+        self._roll(now)
+        state = self._clients.get(client)
+        if state is not None and state.held_since is not None:
+            state.used_s += now - state.held_since
+            state.held_since = None
+
+    def schedule(self, now: float) -> list[Grant]:
+        """Grant tokens to waiting clients as priority and free SMs allow."""
+        self._roll(now)
+        holders = [c for c in self._clients.values() if c.held_since is not None]
+        free_sm = 100 - sum(c.sm_percent for c in holders)
+        guaranteed: list[tuple[float, float, str]] = []
+        best_effort: list[tuple[float, float, str]] = []
+        for name, state in self._clients.items():
+            if state.waiting_since is None:
+                continue
+            if state.used_s + MIN_LEASE_S <= state.request * self.window_s:
+                share = state.used_s / (state.request * self.window_s)
+                guaranteed.append((share, state.waiting_since, name))
+            elif state.used_s + MIN_LEASE_S <= state.limit * self.window_s:
+                share = state.used_s / (state.limit * self.window_s)
+                best_effort.append((share, state.waiting_since, name))
+        grants = []
+        for tier, budget in ((sorted(guaranteed), "request"), (sorted(best_effort), "limit")):
+            for _, _, name in tier:
+                state = self._clients[name]
+                if state.sm_percent > free_sm:
+                    return grants  # the first in line waits for room: nobody overtakes it
+                free_sm -= state.sm_percent
+                fraction = state.request if budget == "request" else state.limit
+                lease_end = min(self.window_end, now + fraction * self.window_s - state.used_s)
+                state.waiting_since = None
+                state.held_since = now
+                grants.append(Grant(name, lease_end))
+        return grants
+
+    def waiting(self) -> bool:
+        """Whether some client waits for a token (then schedule again at `window_end`)."""
+        return any(c.waiting_since is not None for c in self._clients.values())
+
+    def used(self, client: str, now: float) -> float:
+        """Seconds charged to `client` in the current window so far, debt and holding included."""
+        self._roll(now)
+        state = self._clients[client]
+        held = now - state.held_since if state.held_since is not None else 0.0
+        return state.used_s + held
+
+    def _roll(self, now: float) -> None:
+        """Close every window that ended by `now`: charge holders up to its end, carry debt."""
+        while now >= self.window_end:
+            end = self.window_end
+            holders = False
+            for state in self._clients.values():
+                if state.held_since is not None:
+                    state.used_s += end - state.held_since
+                    state.held_since = end
+                    holders = True
+            windows = 1 if holders else int((now - end) // self.window_s) + 1
+            for state in self._clients.values():
+                state.used_s = max(0.0, state.used_s - windows * state.limit * self.window_s)
+            self._windows += windows
+            self.window_end = self._origin + self._windows * self.window_s  # no drift

@@ -1,0 +1,1 @@
+"""GPU sharing: discovery, the sharing request, placement and MPS daemon control."""

@@ -1,0 +1,68 @@
+"""Placement: which GPU a replica goes to. Pure logic, no I/O.
+
+A replica fits a GPU when the footprints (SM share times guaranteed time share) of the GPU's
+replicas stay within 100, their memory caps within the GPU's memory, and nothing there is
+exclusive (or, for an exclusive replica, the GPU is empty). Among the GPUs that fit, the
+fullest wins: GPUs are packed before another is opened, so the load needs the fewest GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.gpu.share import GpuShare
+
+_EPSILON = 1e-9
+
+
+@dataclass
+class GpuLoad:
+    """The replicas placed on one GPU."""
+
+    device: GpuDevice
+    shares: dict[str, GpuShare] = field(default_factory=dict)
+
+    @property
+    def footprint(self) -> float:
+        return sum(share.footprint for share in self.shares.values())
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(share.memory_bytes or 0 for share in self.shares.values())
+
+    def misfit(self, share: GpuShare) -> str | None:
+        """Why `share` does not fit here now, or None when it does."""
+        if share.exclusive and self.shares:
+            return f"GPU {self.device.index} is not empty (the function wants a whole GPU)"
+        if any(s.exclusive for s in self.shares.values()):
+            return f"GPU {self.device.index} is held whole by one replica"
+        if self.footprint + share.footprint > 100 + _EPSILON:
+            return (
+                f"GPU {self.device.index} has {100 - self.footprint:.0f} of 100 SM-time left, "
+                f"the replica needs {share.footprint:.0f}"
+            )
+        if self.memory_bytes + (share.memory_bytes or 0) > self.device.memory_bytes:
+            free = (self.device.memory_bytes - self.memory_bytes) / 1024**3
+            need = (share.memory_bytes or 0) / 1024**3
+            index = self.device.index
+            return f"GPU {index} has {free:.1f} GiB free, the replica caps at {need:.1f} GiB"
+        return None
+
+
+def choose_gpu(share: GpuShare, loads: list[GpuLoad]) -> GpuLoad | None:
+    """The fullest GPU that fits `share` now, or None."""
+    fitting = [load for load in loads if load.misfit(share) is None]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda load: (load.footprint, -load.device.index))
+
+
+def fits_when_empty(share: GpuShare, devices: list[GpuDevice]) -> bool:
+    """Whether some GPU could hold `share` at all, were it empty."""
+    return any(GpuLoad(device).misfit(share) is None for device in devices)
+
+
+def why_pending(share: GpuShare, loads: list[GpuLoad]) -> str:
+    """One line saying why no GPU fits `share` now."""
+    return "; ".join(reason for load in loads if (reason := load.misfit(share)))

@@ -1,0 +1,122 @@
+"""The time-quota scheduler with numbers: shares, priority, SM packing, debt."""
+
+from __future__ import annotations
+
+import heapq
+
+import pytest
+
+from faas_provider.gate.scheduler import QuotaScheduler
+
+WINDOW = 0.1
+
+
+def simulate(
+    clients: dict[str, tuple[int, float, float]], work_s: float, seconds: float = 20.0
+) -> dict[str, float]:
+    """Greedy clients (each always has work of `work_s` to run) behind gates; shares of time.
+
+    A gate starts work only while its lease lasts, lets started work finish past it, then
+    releases and asks again: what the real gate does per request.
+    """
+    scheduler = QuotaScheduler(WINDOW)
+    for name, (sm, request, limit) in clients.items():
+        scheduler.register(name, sm, request, limit)
+        scheduler.want(name, 0.0)
+    busy = dict.fromkeys(clients, 0.0)
+    events: list[tuple[float, str, float]] = []  # (time, client, lease_end)
+    now = 0.0
+    while now < seconds:
+        for grant in scheduler.schedule(now):
+            heapq.heappush(events, (now, grant.client, grant.lease_end))
+        if not events:
+            now = scheduler.window_end
+            continue
+        start, name, lease_end = heapq.heappop(events)
+        now = start
+        end = start
+        while end < lease_end:  # back-to-back work while the lease lasts
+            end += work_s
+        busy[name] += end - start
+        # the release happens at `end`; run the scheduler's clock forward in order
+        heapq.heappush(events, (end, f"release:{name}", 0.0))
+        while events and events[0][1].startswith("release:"):
+            at, tag, _ = heapq.heappop(events)
+            now = at
+            client = tag.removeprefix("release:")
+            scheduler.release(client, now)
+            scheduler.want(client, now)
+            for grant in scheduler.schedule(now):
+                heapq.heappush(events, (now, grant.client, grant.lease_end))
+    return {name: spent / now for name, spent in busy.items()}
+
+
+def test_limits_split_an_exclusive_gpu() -> None:
+    shares = simulate({"a": (100, 0.3, 0.3), "b": (100, 0.7, 0.7)}, work_s=0.005)
+    assert shares["a"] == pytest.approx(0.3, abs=0.05)
+    assert shares["b"] == pytest.approx(0.7, abs=0.05)
+
+
+def test_nobody_passes_its_limit_even_alone() -> None:
+    shares = simulate({"a": (100, 0.2, 0.4)}, work_s=0.004)
+    assert shares["a"] == pytest.approx(0.4, abs=0.03)
+
+
+def test_a_request_is_kept_against_greedy_neighbours() -> None:
+    clients = {"guaranteed": (100, 0.5, 1.0)}
+    clients |= {f"greedy{i}": (100, 0.1, 1.0) for i in range(3)}
+    shares = simulate(clients, work_s=0.005)
+    assert shares["guaranteed"] >= 0.45
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_partitions_that_fit_run_at_once() -> None:
+    clients = {f"f{i}": (14, 1.0, 1.0) for i in range(7)}  # 7 x 14% = 98% of the SMs
+    shares = simulate(clients, work_s=0.007)
+    for share in shares.values():
+        assert share == pytest.approx(1.0, abs=0.08)
+
+
+def test_partitions_that_do_not_fit_take_turns() -> None:
+    clients = {f"f{i}": (60, 1.0, 1.0) for i in range(2)}
+    shares = simulate(clients, work_s=0.005)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.06)
+    assert shares["f0"] == pytest.approx(shares["f1"], abs=0.1)
+
+
+def test_work_past_the_lease_is_debt_in_the_next_window() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("a", 100, 0.5, 0.5)
+    scheduler.want("a", 0.0)
+    (grant,) = scheduler.schedule(0.0)
+    assert grant.lease_end == pytest.approx(0.05)
+    scheduler.release("a", 0.17)  # ran 120 ms past its lease, into the next window
+    # window 0 charged 100 ms, 50 over the limit: that debt and 70 ms more in window 1
+    assert scheduler.used("a", 0.17) == pytest.approx(0.05 + 0.07, abs=1e-9)
+    scheduler.want("a", 0.17)
+    assert scheduler.schedule(0.17) == [], "over its limit for this window: no token"
+    assert scheduler.schedule(0.2) == [], "70 ms of debt still exceed a 50 ms budget"
+    assert scheduler.used("a", 0.2) == pytest.approx(0.07, abs=1e-9)
+    (grant,) = scheduler.schedule(0.31)  # 20 ms of debt left: 30 ms of lease
+    assert grant.lease_end == pytest.approx(0.34, abs=1e-9)
+
+
+def test_the_first_in_line_is_not_overtaken_by_smaller_partitions() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("big", 80, 0.5, 1.0)
+    scheduler.register("holder", 30, 0.5, 1.0)
+    scheduler.register("small", 10, 0.1, 1.0)
+    scheduler.want("holder", 0.0)
+    assert [g.client for g in scheduler.schedule(0.0)] == ["holder"]
+    scheduler.want("big", 0.001)
+    scheduler.want("small", 0.002)
+    assert scheduler.schedule(0.002) == [], "small must not overtake big, who waits for room"
+    scheduler.release("holder", 0.01)
+    assert [g.client for g in scheduler.schedule(0.01)] == ["big", "small"]
+
+
+def test_bad_shares_are_refused() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    for sm, request, limit in ((0, 0.5, 1.0), (50, 0.6, 0.5), (50, 0.0, 1.0), (101, 1, 1)):
+        with pytest.raises(ValueError):
+            scheduler.register("x", sm, request, limit)
