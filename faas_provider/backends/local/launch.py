@@ -29,6 +29,7 @@ class LaunchSpec:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    gate_argv: list[str] | None = None  # the time-quota gate to run in front, for GPU replicas
 
 
 def handler_directory(image: str, functions_root: Path) -> Path | None:

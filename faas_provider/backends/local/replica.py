@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import aiohttp
 
@@ -51,27 +51,29 @@ class Replica:
         self._http = http
         self._on_line = on_line
         self._on_change = on_change
-        self._process: asyncio.subprocess.Process | None = None
+        self._processes: list[asyncio.subprocess.Process] = []
         self._port: int | None = None
         self._healthy = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._exits: asyncio.Queue[int | None] = asyncio.Queue()
+        self._helpers: set[asyncio.Task[None]] = set()
         self.restarts = 0
 
     @property
     def ready(self) -> bool:
-        """Whether the process runs and answered its last health check."""
-        return self._healthy and self._process is not None and self._process.returncode is None
+        """Whether the processes run and the replica answered its last health check."""
+        return self._healthy and bool(self._processes) and self._all_running()
 
     @property
     def url(self) -> str:
-        """Base URL of the replica's runtime (meaningful while `ready`)."""
+        """Base URL of the replica: its gate's when it has one (meaningful while `ready`)."""
         return f"http://127.0.0.1:{self._port}"
 
     @property
     def pid(self) -> int | None:
-        """Process id of the running replica, if any."""
-        process = self._process
+        """Process id of the running runtime, if any."""
+        process = self._processes[0] if self._processes else None
         return process.pid if process is not None and process.returncode is None else None
 
     def start(self) -> None:
@@ -79,7 +81,7 @@ class Replica:
         self._task = asyncio.create_task(self._supervise(), name=f"replica {self.instance}")
 
     async def stop(self) -> None:
-        """Stop the process (SIGTERM to its group, SIGKILL after a grace period) for good."""
+        """Stop the processes (SIGTERM to their groups, SIGKILL after a grace period) for good."""
         self._stopping = True
         self._set_healthy(False)
         await self._terminate()
@@ -107,59 +109,89 @@ class Replica:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _run_once(self) -> int | None:
-        """Run the process until it exits; return its exit code (negative: killed by signal)."""
+        """Run the runtime (and its gate) until one exits; return that exit code."""
         self._port = None
+        self._exits = asyncio.Queue()
         try:
-            process = await asyncio.create_subprocess_exec(
-                *self._spec.argv,
-                env=self._spec.env,
-                cwd=self._spec.cwd,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
+            on_port = self._start_gate if self._spec.gate_argv else self._serving
+            await self._spawn(self._spec.argv, on_port)
+            return await self._exits.get()
         except OSError as error:
             log.error("replica %s could not start: %s", self.instance, error)
             return None
-        self._process = process
-        log.info("replica %s started (pid %d)", self.instance, process.pid)
-        assert process.stdout is not None and process.stderr is not None
-        readers = [
-            asyncio.create_task(self._read(process.stdout, look_for_port=True)),
-            asyncio.create_task(self._read(process.stderr, look_for_port=False)),
-        ]
-        try:
-            code = await process.wait()
-            await asyncio.gather(*readers, return_exceptions=True)
-            return code
         finally:
             self._set_healthy(False)
-            for reader in readers:
-                reader.cancel()
+            await self._terminate()
+            for helper in self._helpers:
+                helper.cancel()
+            self._processes = []
 
-    async def _read(self, stream: asyncio.StreamReader, look_for_port: bool) -> None:
+    async def _spawn(self, argv: list[str], on_port: Callable[[int], None]) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            env=self._spec.env,
+            cwd=self._spec.cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._processes.append(process)
+        what = "gate" if len(self._processes) > 1 else "replica"
+        log.info("%s %s started (pid %d)", what, self.instance, process.pid)
+        assert process.stdout is not None and process.stderr is not None
+        self._in_background(self._read(process.stdout, on_port))
+        self._in_background(self._read(process.stderr, None))
+        self._in_background(self._report_exit(process))
+
+    async def _report_exit(self, process: asyncio.subprocess.Process) -> None:
+        self._exits.put_nowait(await process.wait())
+
+    def _in_background(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._helpers.add(task)
+        task.add_done_callback(self._helpers.discard)
+
+    def _start_gate(self, runtime_port: int) -> None:
+        """The runtime listens: put its gate in front of it."""
+        assert self._spec.gate_argv is not None
+        argv = [*self._spec.gate_argv, "--upstream", f"http://127.0.0.1:{runtime_port}"]
+        self._in_background(self._spawn_or_report(argv))
+
+    async def _spawn_or_report(self, argv: list[str]) -> None:
+        try:
+            await self._spawn(argv, self._serving)
+        except OSError as error:
+            log.error("gate of %s could not start: %s", self.instance, error)
+            self._exits.put_nowait(None)
+
+    def _serving(self, port: int) -> None:
+        """The replica's front (runtime or gate) listens: check it until it is healthy."""
+        self._port = port
+        self._in_background(self._watch_health())
+
+    def _all_running(self) -> bool:
+        return all(process.returncode is None for process in self._processes)
+
+    async def _read(
+        self, stream: asyncio.StreamReader, on_port: Callable[[int], None] | None
+    ) -> None:
         """Pass the stream's lines on; reads in blocks, so a busy replica's per-request log
         lines cost one wake-up for many, and a line of any length never stalls the pipe."""
-        health: asyncio.Task[None] | None = None
         pending = b""
-        try:
-            while block := await stream.read(_READ_BLOCK):
-                *lines, pending = (pending + block).split(b"\n")
-                if len(pending) >= _READ_BLOCK:  # an overlong line is passed on in parts
-                    lines.append(pending)
-                    pending = b""
-                for raw in lines:
-                    line = raw.decode(errors="replace")
-                    if look_for_port and self._port is None and (match := _LISTENING.match(line)):
-                        self._port = int(match.group(1))
-                        health = asyncio.create_task(self._watch_health())
-                    self._on_line(self.instance, line)
-            if pending:
-                self._on_line(self.instance, pending.decode(errors="replace"))
-        finally:
-            if health is not None:
-                health.cancel()
+        while block := await stream.read(_READ_BLOCK):
+            *lines, pending = (pending + block).split(b"\n")
+            if len(pending) >= _READ_BLOCK:  # an overlong line is passed on in parts
+                lines.append(pending)
+                pending = b""
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if on_port is not None and (match := _LISTENING.match(line)):
+                    on_port(int(match.group(1)))
+                    on_port = None
+                self._on_line(self.instance, line)
+        if pending:
+            self._on_line(self.instance, pending.decode(errors="replace"))
 
     async def _watch_health(self) -> None:
         """Mark the replica ready when /_/health answers 200; keep checking while it runs."""
@@ -188,18 +220,20 @@ class Replica:
             return False
 
     async def _terminate(self) -> None:
-        process = self._process
-        if process is None or process.returncode is not None:
+        running = [p for p in self._processes if p.returncode is None]
+        if not running:
             return
-        _signal_group(process.pid, signal.SIGTERM)
+        for process in reversed(running):  # the gate first, so no request reaches a dying one
+            _signal_group(process.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), STOP_GRACE_S)
         except TimeoutError:
             log.warning(
                 "replica %s ignored SIGTERM for %.0f s; killing", self.instance, STOP_GRACE_S
             )
-            _signal_group(process.pid, signal.SIGKILL)
-            await process.wait()
+            for process in running:
+                _signal_group(process.pid, signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in running))
         log.info("replica %s stopped", self.instance)
 
     def memory_bytes(self) -> int:

@@ -1,0 +1,137 @@
+"""The time-quota gate: a reverse proxy in front of one GPU replica that runs requests only
+while the replica holds a token of its GPU's scheduler.
+
+A request that finds no valid lease waits for one; requests that start under a lease run to
+the end even past it (the scheduler charges the overrun as debt). When the lease is over, no
+new request starts until the running ones finish, the token is returned and a new one is
+granted. An idle gate keeps its token for a short linger (default 2 ms), so back-to-back
+requests do not pay a round trip each, then returns it: idle time is not GPU time.
+The same gate runs as a sidecar on Kubernetes and as a process beside each replica locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger("fast_gshare.gate")
+
+
+class SchedulerUnavailable(Exception):
+    """The token service cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Who the gate speaks for: the GPU, the replica and its share."""
+
+    gpu: str
+    client: str
+    sm_percent: int
+    quota_request: float
+    quota_limit: float
+
+
+class QuotaGate:
+    """Admits requests while this replica holds a token; `async with gate:` around each one."""
+
+    def __init__(self, socket_path: Path, registration: Registration, linger_s: float = 0.002):
+        self._socket_path = socket_path
+        self._registration = registration
+        self._linger_s = linger_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._condition = asyncio.Condition()
+        self._holding = False
+        self._lease_end = 0.0
+        self._in_flight = 0
+        self._linger: asyncio.TimerHandle | None = None
+
+    async def connect(self) -> None:
+        """Connect and register with the token service."""
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(self._socket_path)
+        except OSError as error:
+            raise SchedulerUnavailable(f"token service at {self._socket_path}: {error}") from error
+        r = self._registration
+        hello = {
+            "gpu": r.gpu,
+            "client": r.client,
+            "sm": r.sm_percent,
+            "request": r.quota_request,
+            "limit": r.quota_limit,
+        }
+        self._writer.write(json.dumps(hello).encode() + b"\n")
+        self._holding = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the gate is registered with a live token service."""
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def close(self) -> None:
+        """Leave the token service (which returns any token held)."""
+        if self._writer is not None:
+            self._writer.close()
+
+    async def __aenter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._condition:
+            while not (self._holding and loop.time() < self._lease_end):
+                if self._holding and self._in_flight:
+                    await self._condition.wait()  # lease over: let the running ones finish
+                elif self._holding:
+                    self._release()
+                else:
+                    lease = await self._acquire()
+                    self._holding = True
+                    self._lease_end = loop.time() + lease
+            self._in_flight += 1
+            if self._linger is not None:
+                self._linger.cancel()
+                self._linger = None
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._condition:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._holding:
+                if loop.time() >= self._lease_end:
+                    self._release()
+                else:
+                    self._linger = loop.call_later(self._linger_s, self._release_if_idle)
+            self._condition.notify_all()
+
+    async def _acquire(self) -> float:
+        if not self.connected:
+            await self.connect()
+        assert self._reader is not None and self._writer is not None
+        try:
+            self._writer.write(b'{"op": "acquire"}\n')
+            line = await self._reader.readline()
+        except ConnectionError as error:
+            self._writer.close()
+            raise SchedulerUnavailable(f"token service connection lost: {error}") from error
+        if not line:
+            self._writer.close()
+            raise SchedulerUnavailable("token service closed the connection")
+        return float(json.loads(line)["lease_s"])
+
+    def _release(self) -> None:
+        self._holding = False
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(b'{"op": "release"}\n')
+
+    def _release_if_idle(self) -> None:
+        self._linger = None
+        if self._in_flight == 0 and self._holding:
+            self._release()

@@ -1,0 +1,108 @@
+"""The node's token service: one QuotaScheduler per GPU, spoken to over a Unix socket.
+
+The protocol is JSON lines on one connection per gate. The gate's first line registers it:
+`{"gpu": "GPU-…", "client": "resnet50-0", "sm": 14, "request": 1.0, "limit": 1.0}`; then
+`{"op": "acquire"}` is answered `{"lease_s": 0.087}` once a token is granted, and
+`{"op": "release"}` returns it (no answer). A closed connection returns its token and removes
+the client, so a gate that dies frees its share. The local backend runs this service inside
+the provider; on Kubernetes the node agent runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from faas_provider.gate.scheduler import QuotaScheduler
+
+log = logging.getLogger("fast_gshare.scheduler")
+
+
+class TokenService:
+    """Serves the token protocol for every GPU of the node."""
+
+    def __init__(self, window_s: float = 0.1) -> None:
+        self.window_s = window_s
+        self._schedulers: dict[str, QuotaScheduler] = {}
+        self._writers: dict[tuple[str, str], asyncio.StreamWriter] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._server: asyncio.Server | None = None
+
+    async def start(self, socket_path: Path) -> None:
+        """Listen on `socket_path` (mode 0600)."""
+        socket_path.unlink(missing_ok=True)  # noqa: ASYNC240 - once, at start
+        self._server = await asyncio.start_unix_server(self._serve, path=str(socket_path))
+        socket_path.chmod(0o600)  # noqa: ASYNC240 - once, at start
+        log.info("token service on %s (window %.0f ms)", socket_path, self.window_s * 1000)
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection."""
+        for timer in self._timers.values():
+            timer.cancel()
+        for writer in list(self._writers.values()):
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def usage(self, gpu: str, client: str) -> float:
+        """Seconds charged to `client` in its GPU's current window."""
+        return self._schedulers[gpu].used(client, _now())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        key: tuple[str, str] | None = None
+        try:
+            first = json.loads(await reader.readline() or b"null")
+            gpu, client = str(first["gpu"]), str(first["client"])
+            scheduler = self._schedulers.get(gpu)
+            if scheduler is None:
+                scheduler = self._schedulers[gpu] = QuotaScheduler(self.window_s, _now())
+            share = int(first["sm"]), float(first["request"]), float(first["limit"])
+            scheduler.register(client, *share)
+            key = (gpu, client)
+            old = self._writers.pop(key, None)
+            if old is not None:
+                old.close()
+            self._writers[key] = writer
+            log.info("gate %s registered on GPU %s", client, gpu)
+            while line := await reader.readline():
+                op = json.loads(line).get("op")
+                if op == "acquire":
+                    scheduler.want(client, _now())
+                elif op == "release":
+                    scheduler.release(client, _now())
+                self._kick(gpu)
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("token service: bad message from a gate: %s", error)
+        except ConnectionError:
+            pass
+        finally:
+            if key is not None and self._writers.get(key) is writer:
+                del self._writers[key]
+                self._schedulers[key[0]].unregister(key[1], _now())
+                log.info("gate %s left GPU %s", key[1], key[0])
+                self._kick(key[0])
+            writer.close()
+
+    def _kick(self, gpu: str) -> None:
+        """Hand out what tokens can be granted now; look again when the window ends."""
+        scheduler = self._schedulers[gpu]
+        now = _now()
+        for grant in scheduler.schedule(now):
+            writer = self._writers.get((gpu, grant.client))
+            if writer is not None:
+                lease = max(0.0, grant.lease_end - now)
+                writer.write(b'{"lease_s": %.6f}\n' % lease)
+        timer = self._timers.pop(gpu, None)
+        if timer is not None:
+            timer.cancel()
+        if scheduler.waiting():
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, scheduler.window_end - now)
+            self._timers[gpu] = loop.call_later(delay, self._kick, gpu)
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
