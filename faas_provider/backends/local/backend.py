@@ -26,7 +26,8 @@ from faas_provider.backends.base import (
     NotFound,
     Unavailable,
 )
-from faas_provider.backends.local.launch import launch_spec
+from faas_provider.backends.local.gpus import GpuPool
+from faas_provider.backends.local.launch import LaunchSpec, launch_spec
 from faas_provider.backends.local.logs import LogStore
 from faas_provider.backends.local.replica import Replica
 from faas_provider.backends.local.state import (
@@ -34,6 +35,8 @@ from faas_provider.backends.local.state import (
     StoredFunction,
     StoredNamespace,
 )
+from faas_provider.gpu.discovery import discover_gpus
+from faas_provider.gpu.share import GpuShare, gpu_share
 from faas_provider.models import (
     FunctionDeployment,
     FunctionStatus,
@@ -54,8 +57,10 @@ class LocalFunction:
     """A deployed function and the replicas that serve it."""
 
     stored: StoredFunction
+    share: GpuShare | None = None
     replicas: list[Replica] = field(default_factory=list)
     retiring: list[Replica] = field(default_factory=list)
+    pending: int = 0  # wanted replicas that no GPU has room for yet
     next_index: int = 0
     rollout: asyncio.Task[None] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -85,7 +90,14 @@ class LocalBackend:
 
     orchestration = "local"
 
-    def __init__(self, state_dir: Path, functions_root: Path, startup_wait_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        functions_root: Path,
+        startup_wait_s: float = 30.0,
+        gpus: GpuPool | None = None,
+    ) -> None:
+        self._gpus = gpus or GpuPool(discover_gpus())
         self._store = StateStore(state_dir)
         self._state_dir = state_dir
         self._functions_root = functions_root
@@ -99,8 +111,9 @@ class LocalBackend:
     async def start(self) -> None:
         """Start every stored function at its stored replica count."""
         self._http = aiohttp.ClientSession()
+        await self._gpus.start()
         for key, stored in self._state.functions.items():
-            function = LocalFunction(stored=stored)
+            function = LocalFunction(stored=stored, share=gpu_share(stored.deployment))
             self._functions[key] = function
             self._write_secrets(function.deployment)
             self._reconcile(function)
@@ -115,6 +128,7 @@ class LocalBackend:
             await asyncio.gather(*(r.stop() for r in function.replicas + function.retiring))
         self._functions.clear()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self._gpus.close()
         if self._http is not None:
             await self._http.close()
 
@@ -140,7 +154,7 @@ class LocalBackend:
         self._validate(deployment)
         replicas = _min_replicas(deployment)
         stored = StoredFunction(deployment=deployment, replicas=replicas, created_at=utcnow())
-        function = LocalFunction(stored=stored)
+        function = LocalFunction(stored=stored, share=gpu_share(deployment))
         self._functions[key] = function
         self._state.functions[key] = stored
         await self._store.save(self._state)
@@ -155,6 +169,7 @@ class LocalBackend:
         self._validate(deployment)
         restart = _runtime_spec(deployment) != _runtime_spec(function.deployment)
         function.stored.deployment = deployment
+        function.share = gpu_share(deployment)
         await self._store.save(self._state)
         self._write_secrets(deployment)
         if restart:
@@ -173,7 +188,9 @@ class LocalBackend:
         await self._store.save(self._state)
         if function.rollout is not None:
             function.rollout.cancel()
-        await asyncio.gather(*(r.stop() for r in function.replicas + function.retiring))
+        function.pending = 0
+        replicas = function.replicas + function.retiring
+        await asyncio.gather(*(self._stop_replica(function, r) for r in replicas))
         shutil.rmtree(self._mount_dir(name, namespace), ignore_errors=True)
         self._logs.forget(name, namespace)
         log.info("deleted %s.%s", name, namespace)
@@ -290,6 +307,9 @@ class LocalBackend:
                 "create them first (faas-cli secret create)"
             )
         _min_replicas(deployment)
+        share = gpu_share(deployment)
+        if share is not None:
+            self._gpus.check(share)
         launch_spec(deployment, self._functions_root, Path(), Path())
 
     def _status(self, function: LocalFunction) -> FunctionStatus:
@@ -314,11 +334,19 @@ class LocalBackend:
             usage=FunctionUsage(totalMemoryBytes=memory) if memory else None,
         )
 
-    def _new_replica(self, function: LocalFunction) -> Replica:
+    def _new_replica(self, function: LocalFunction) -> Replica | None:
+        """Start a replica; None when it needs a GPU and none has room now (it is pending)."""
         deployment = function.deployment
         mount = self._mount_dir(deployment.service, deployment.namespace)
         spec = launch_spec(deployment, self._functions_root, mount / "secrets", mount)
         instance = f"{deployment.service}-{function.next_index}"
+        if function.share is not None:
+            placement = self._gpus.place(_placement_key(deployment, instance), function.share)
+            if isinstance(placement, str):
+                log.info("a replica of %s.%s is pending: %s", *_where(deployment), placement)
+                return None
+            env = {**spec.env, **placement.env}
+            spec = LaunchSpec(spec.argv, env, spec.cwd, placement.gate_argv)
         function.next_index += 1
         assert self._http is not None, "backend used before start()"
         replica = Replica(
@@ -334,13 +362,36 @@ class LocalBackend:
         return replica
 
     def _reconcile(self, function: LocalFunction) -> None:
-        """Start or stop replicas until the current set has the desired count."""
-        while len(function.replicas) < function.stored.replicas:
-            function.replicas.append(self._new_replica(function))
-        surplus = function.replicas[function.stored.replicas :]
-        del function.replicas[function.stored.replicas :]
+        """Start, stop or mark pending replicas until the current set has the desired count."""
+        desired = function.stored.replicas
+        function.pending = min(function.pending, max(0, desired - len(function.replicas)))
+        surplus = function.replicas[desired:]
+        del function.replicas[desired:]
         for replica in surplus:
-            self._in_background(replica.stop())
+            self._in_background(self._stop_replica(function, replica))
+        while len(function.replicas) + function.pending < desired:
+            replica = self._new_replica(function)
+            if replica is None:
+                function.pending += 1
+            else:
+                function.replicas.append(replica)
+
+    async def _stop_replica(self, function: LocalFunction, replica: Replica) -> None:
+        """Stop a replica for good, free its GPU room and start what was waiting for it."""
+        await replica.stop()
+        if function.share is not None:
+            self._gpus.release(_placement_key(function.deployment, replica.instance))
+            self._place_pending()
+
+    def _place_pending(self) -> None:
+        """Give freed GPU room to pending replicas, oldest function first."""
+        for function in self._functions.values():
+            while function.pending:
+                replica = self._new_replica(function)
+                if replica is None:
+                    break
+                function.pending -= 1
+                function.replicas.append(replica)
 
     def _roll(self, function: LocalFunction) -> None:
         """Replace every replica with one of the new spec; old ones serve until new are ready."""
@@ -359,11 +410,14 @@ class LocalBackend:
         return task
 
     async def _finish_rollout(self, function: LocalFunction) -> None:
+        """Retire the old replicas once the new ones are ready, or at once when new ones wait
+        for GPU room that only the old ones can give back."""
         await function.wait_until(
-            lambda: all(r.ready for r in function.replicas), ROLLOUT_TIMEOUT_S
+            lambda: function.pending > 0 or all(r.ready for r in function.replicas),
+            ROLLOUT_TIMEOUT_S,
         )
         retiring, function.retiring = function.retiring, []
-        await asyncio.gather(*(r.stop() for r in retiring))
+        await asyncio.gather(*(self._stop_replica(function, r) for r in retiring))
 
     async def _wait_ready(self, function: LocalFunction) -> list[Replica]:
         deployment = function.deployment
@@ -425,6 +479,14 @@ def _min_replicas(deployment: FunctionDeployment) -> int:
     if value < 0:
         raise InvalidRequest(f"label {SCALE_MIN_LABEL} must be a whole number >= 0, not {text!r}")
     return value
+
+
+def _placement_key(deployment: FunctionDeployment, instance: str) -> str:
+    return f"{deployment.namespace}/{instance}"
+
+
+def _where(deployment: FunctionDeployment) -> tuple[str, str]:
+    return deployment.service, deployment.namespace
 
 
 def _runtime_spec(deployment: FunctionDeployment) -> str:

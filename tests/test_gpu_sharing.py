@@ -1,0 +1,200 @@
+"""GPU sharing through the whole local path on a virtual GPU (CI has none): annotations,
+placement with pending and release, and time shares enforced by the gates, with a measured
+sleep standing in for each request's GPU work."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from faas_provider.api.app import create_app
+from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.backends.local.gpus import GpuPool
+from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.settings import Settings
+from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available
+
+WORK_S = 0.01
+SLEEPY = (
+    f"import time\n\n\ndef handle(event, context):\n    time.sleep({WORK_S})\n    return 'ok'\n"
+)
+VIRTUAL = GpuDevice(
+    index=0, uuid="virtual-0", name="virtual", memory_bytes=16 * 1024**3, virtual=True
+)
+
+
+@pytest.fixture
+async def gpu_client(aiohttp_client: Any, settings: Settings, functions_root: Path) -> TestClient:
+    (functions_root / "sleepy").mkdir()
+    (functions_root / "sleepy" / "handler.py").write_text(SLEEPY)
+    backend = LocalBackend(
+        settings.state_dir, functions_root, gpus=GpuPool([VIRTUAL], window_s=0.1)
+    )
+    return await aiohttp_client(create_app(backend, settings))
+
+
+def shared(name: str, **annotations: str) -> dict[str, Any]:
+    keys = {k: f"fastgshare/gpu_{k}" for k in ("sm_partition", "quota_request", "quota_limit")}
+    keys["mem"] = "fastgshare/gpu_mem"
+    return {
+        "service": name,
+        "image": "example/sleepy:1",
+        "annotations": {keys[k]: v for k, v in annotations.items()},
+    }
+
+
+@pytest.mark.parametrize(
+    ("annotations", "fragment"),
+    [
+        ({"fastgshare/gpu_sm_partition": "0"}, "fastgshare/gpu_sm_partition"),
+        ({"fastgshare/gpu_sm_partition": "half"}, "fastgshare/gpu_sm_partition"),
+        ({"fastgshare/gpu_quota_limit": "1.5"}, "fastgshare/gpu_quota_limit"),
+        (
+            {"fastgshare/gpu_quota_request": "0.8", "fastgshare/gpu_quota_limit": "0.5"},
+            "fastgshare/gpu_quota_limit",
+        ),
+        ({"fastgshare/gpu_quota_request": "-1"}, "fastgshare/gpu_quota_request"),
+        ({"fastgshare/gpu_mem": "lots"}, "fastgshare/gpu_mem"),
+        ({"fastgshare/gpu_mem": "64Gi"}, "fastgshare/gpu_mem"),  # more than any GPU here
+    ],
+)
+async def test_bad_sharing_requests_are_refused_naming_the_annotation(
+    gpu_client: TestClient, annotations: dict[str, str], fragment: str
+) -> None:
+    body = {**STEER, "annotations": annotations}
+    response = await gpu_client.post("/system/functions", json=body)
+    assert response.status == 400
+    assert fragment in await response.text()
+    assert await (await gpu_client.get("/system/functions")).json() == []
+
+
+async def test_whole_gpu_limit_must_be_one_and_not_mixed_with_sharing(
+    gpu_client: TestClient,
+) -> None:
+    two = {**STEER, "limits": {"nvidia.com/gpu": "2"}}
+    assert (await gpu_client.post("/system/functions", json=two)).status == 400
+    mixed = {
+        **two,
+        "limits": {"nvidia.com/gpu": "1"},
+        "annotations": shared("x", sm_partition="50")["annotations"],
+    }
+    response = await gpu_client.post("/system/functions", json=mixed)
+    assert response.status == 400
+    assert "nvidia.com/gpu" in await response.text()
+
+
+async def test_a_replica_that_fits_nowhere_waits_and_starts_when_room_frees(
+    gpu_client: TestClient,
+) -> None:
+    assert await faas_cli_deploy(gpu_client, shared("first", sm_partition="60")) == 202
+    await wait_available(gpu_client, "first")
+    assert await faas_cli_deploy(gpu_client, shared("second", sm_partition="60")) == 202
+    await asyncio.sleep(0.5)
+    status = await (await gpu_client.get("/system/function/second")).json()
+    assert (status["replicas"], status["availableReplicas"]) == (1, 0), "60 + 60 > 100: pending"
+    logs = await (await gpu_client.get("/system/logs?name=second")).text()
+    assert logs == "", "a pending replica has not started"
+    deleted = await gpu_client.delete("/system/functions", json={"functionName": "first"})
+    assert deleted.status == 202
+    await wait_available(gpu_client, "second")
+    assert await (await gpu_client.post("/function/second", data=b"")).text() == "ok"
+
+
+async def test_scaling_down_drops_pending_replicas_first(gpu_client: TestClient) -> None:
+    assert await faas_cli_deploy(gpu_client, shared("wide", sm_partition="40")) == 202
+    await gpu_client.post("/system/scale-function/wide", json={"replicas": 3})  # 40 x 3 > 100
+    status = await wait_available(gpu_client, "wide", 2)
+    assert status["replicas"] == 3
+    await gpu_client.post("/system/scale-function/wide", json={"replicas": 2})
+    await asyncio.sleep(0.3)
+    status = await (await gpu_client.get("/system/function/wide")).json()
+    assert (status["replicas"], status["availableReplicas"]) == (2, 2)
+
+
+async def test_plain_functions_need_no_gpu_room(gpu_client: TestClient) -> None:
+    assert await faas_cli_deploy(gpu_client, shared("hog", sm_partition="100")) == 202
+    assert await faas_cli_deploy(gpu_client, ECHO) == 202
+    await wait_available(gpu_client, "hog")
+    await wait_available(gpu_client, "echo")
+
+
+async def _drive(client: TestClient, name: str, seconds: float) -> int:
+    """One closed-loop caller: how many requests it completed in `seconds`."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    done = 0
+    while loop.time() < end:
+        response = await client.post(f"/function/{name}", data=b"")
+        assert response.status == 200, await response.text()
+        await response.read()
+        done += 1
+    return done
+
+
+async def _shares(client: TestClient, functions: dict[str, dict[str, str]]) -> dict[str, float]:
+    for name, wanted in functions.items():
+        assert await faas_cli_deploy(client, shared(name, **wanted)) == 202
+    for name in functions:
+        await wait_available(client, name)
+    seconds = 4.0
+    counts = await asyncio.gather(*(_drive(client, name, seconds) for name in functions))
+    return {name: count * WORK_S / seconds for name, count in zip(functions, counts, strict=True)}
+
+
+async def test_limits_split_gpu_time(gpu_client: TestClient) -> None:
+    shares = await _shares(
+        gpu_client,
+        {
+            "low": {"sm_partition": "100", "quota_limit": "0.3"},
+            "high": {"sm_partition": "100", "quota_limit": "0.7"},
+        },
+    )
+    total = sum(shares.values())
+    assert shares["low"] / total == pytest.approx(0.3, abs=0.05), shares
+    assert shares["high"] / total == pytest.approx(0.7, abs=0.05), shares
+
+
+async def test_a_guaranteed_request_holds_against_greedy_neighbours(
+    gpu_client: TestClient,
+) -> None:
+    functions = {"kept": {"sm_partition": "100", "quota_request": "0.5", "quota_limit": "1"}}
+    for index in range(3):
+        functions[f"greedy{index}"] = {
+            "sm_partition": "100",
+            "quota_request": "0.1",
+            "quota_limit": "1",
+        }
+    shares = await _shares(gpu_client, functions)
+    assert shares["kept"] / sum(shares.values()) >= 0.45, shares
+
+
+def _gate_pid(client: str) -> int:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"faas_provider.gate" in command and client.encode() in command:
+            return int(pid)
+    raise AssertionError(f"no gate process for {client}")
+
+
+async def test_a_killed_gate_is_restarted_with_its_replica(gpu_client: TestClient) -> None:
+    assert await faas_cli_deploy(gpu_client, shared("guarded", sm_partition="50")) == 202
+    await wait_available(gpu_client, "guarded")
+    endpoints = await (await gpu_client.get("/system/endpoints/guarded")).json()
+    port = int(endpoints["urls"][0].rsplit(":", 1)[1])
+    os.kill(_gate_pid("guarded"), signal.SIGKILL)
+    for _ in range(100):
+        logs = await (await gpu_client.get("/system/logs?name=guarded")).text()
+        if "restarting" in logs:
+            break
+        await asyncio.sleep(0.05)
+    assert "restarting" in logs
+    await wait_available(gpu_client, "guarded")
+    again = await (await gpu_client.get("/system/endpoints/guarded")).json()
+    assert int(again["urls"][0].rsplit(":", 1)[1]) != port
+    assert await (await gpu_client.post("/function/guarded", data=b"")).text() == "ok"
