@@ -17,6 +17,8 @@ from faas_provider.api.app import create_app
 from faas_provider.api.worker import WorkerPool, serve_worker
 from faas_provider.backends.base import Backend, NotFound, ProviderError
 from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.backends.local.gpus import GpuPool
+from faas_provider.gpu.discovery import discover_gpus
 from faas_provider.models import FunctionDeployment
 from faas_provider.settings import Settings, default_state_dir
 from faas_provider.stack import StackError, load_stack
@@ -59,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="processes serving the port (invocations use this many cores; default 1)",
     )
+    up.add_argument(
+        "--quota-window-ms",
+        type=float,
+        default=100.0,
+        help="the time-quota scheduler's window, in ms (default 100)",
+    )
     up.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--control-socket", type=Path, required=True)
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         basic_auth=args.basic_auth,
         secret_mount_path=args.secret_mount_path,
         workers=args.workers,
+        quota_window_s=args.quota_window_ms / 1000,
     )
     stack: list[FunctionDeployment] = []
     if args.stack:
@@ -110,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
-    backend = LocalBackend(settings.state_dir, settings.functions_dir, settings.startup_wait_s)
+    gpus = GpuPool(discover_gpus(), window_s=settings.quota_window_s)
+    backend = LocalBackend(
+        settings.state_dir, settings.functions_dir, settings.startup_wait_s, gpus=gpus
+    )
     runner = web.AppRunner(create_app(backend, settings), access_log=None)
     await runner.setup()
     several = settings.workers > 1

@@ -26,6 +26,7 @@ class Settings(BaseModel):
     upstream_timeout_s: float = Field(default=300.0, gt=0)
     startup_wait_s: float = Field(default=30.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
+    quota_window_s: float = Field(default=0.1, gt=0, le=10)
 
 
 def read_basic_auth(secret_mount_path: Path) -> tuple[str, str]:
