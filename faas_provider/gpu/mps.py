@@ -1,0 +1,335 @@
+"""NVIDIA MPS control daemons, one per GPU: start, health, fault watch, restart, clean stop.
+
+Each GPU gets its own `nvidia-cuda-mps-control -d`, with `CUDA_VISIBLE_DEVICES` set to that
+GPU's UUID and its own pipe and log directories, so the daemons of several GPUs never meet and
+one GPU's trouble stays on that GPU. A replica becomes an MPS client of its GPU through the
+environment `MpsDaemon.client_env` gives it; CUDA reads that environment once, when the
+replica's context is created.
+
+A fatal GPU error in one client is reported to every client of that MPS server, and the server
+takes no new clients (they fail with error 807, "MPS server is not ready") until all of them
+have exited; then it recreates its context and serves again. The server says so in its log
+(`server.log`: "Server is handling a fatal GPU error."); `MpsDaemon.watch` reads that log and
+calls the provider back, which then recycles that GPU's replicas. Other GPUs keep serving.
+
+Only the standard library is used, so the module also runs where the provider's other
+dependencies are not installed (the GPU check in benchmarks/mps_check.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+log = logging.getLogger("fast_gshare.gpu.mps")
+
+CONTROL_BINARY = "nvidia-cuda-mps-control"
+PID_FILE = "nvidia-cuda-mps-control.pid"
+LOG_FILES = ("control.log", "server.log")
+MIB = 1024**2
+
+# Log lines after which a server's clients have lost their GPU: a client's fatal GPU error as
+# the server reports it (server.log), a server's own fatal exception or a server that ended
+# with an error (control.log).
+FAULT_LINE = re.compile(r"fatal GPU error|fatal exception|Server \d+ exited with status [1-9]")
+
+Callback = Callable[[], Awaitable[None]]
+
+
+class MpsError(RuntimeError):
+    """An MPS control daemon did not start or answer as asked."""
+
+
+class MpsDaemon:
+    """The MPS control daemon of one GPU, with its own pipe and log directories."""
+
+    def __init__(
+        self,
+        gpu_index: int,
+        gpu_uuid: str,
+        base_dir: Path | str,
+        binary: str = CONTROL_BINARY,
+        command_timeout_s: float = 5.0,
+    ) -> None:
+        self.gpu_index = gpu_index
+        self.gpu_uuid = gpu_uuid
+        root = Path(base_dir) / f"gpu{gpu_index}"
+        self.pipe_dir = root / "pipe"
+        self.log_dir = root / "log"
+        self.binary = binary
+        self.command_timeout_s = command_timeout_s
+        self._log_offsets: dict[str, int] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The variables that tie the daemon, its servers and its clients to this GPU."""
+        return {
+            "CUDA_VISIBLE_DEVICES": self.gpu_uuid,
+            "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir),
+            "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir),
+        }
+
+    def client_env(self, sm_percent: int | None, memory_limit_bytes: int | None) -> dict[str, str]:
+        """Environment for a replica that is an MPS client of this GPU.
+
+        `CUDA_VISIBLE_DEVICES` names the GPU by UUID, so inside the client it is device 0 and
+        the memory cap reads `0=<MiB>M` (rounded down: the cap never exceeds the request).
+        """
+        env = dict(self.env)
+        if sm_percent is not None:
+            if not 1 <= sm_percent <= 100:
+                raise ValueError(f"SM percentage must be 1..100, not {sm_percent}")
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
+        if memory_limit_bytes is not None:
+            if memory_limit_bytes < MIB:
+                raise ValueError(f"memory limit must be at least 1 MiB, not {memory_limit_bytes}")
+            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={memory_limit_bytes // MIB}M"
+        return env
+
+    def pid(self) -> int | None:
+        """The control daemon's pid, from the pid file it keeps in its pipe directory."""
+        try:
+            return int((self.pipe_dir / PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        """True while the daemon's process lives (asks it nothing)."""
+        pid = self.pid()
+        return pid is not None and _alive(pid)
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Start the daemon (or adopt one already answering) and wait until it answers."""
+        self.pipe_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._mark_logs()
+        if await self.healthy():
+            log.info(
+                "MPS daemon for GPU %d already running (pid %s); adopted",
+                self.gpu_index,
+                self.pid(),
+            )
+            return
+        # The daemon forks itself away; its output goes to a file it can keep writing to.
+        with tempfile.TemporaryFile() as output:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    self.binary,
+                    "-d",
+                    env={**os.environ, **self.env},
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=output,
+                )
+            except OSError as error:
+                raise MpsError(f"cannot run {self.binary}: {error}") from error
+            code = await process.wait()
+            output.seek(0)
+            said = output.read().decode(errors="replace").strip()
+        if code != 0:
+            raise MpsError(
+                f"{self.binary} -d for GPU {self.gpu_index} exited with code {code}: "
+                f"{said or 'no output'} (log: {self.log_dir / 'control.log'})"
+            )
+        deadline = time.monotonic() + timeout_s
+        while not await self.healthy():
+            if time.monotonic() > deadline:
+                raise MpsError(
+                    f"MPS daemon for GPU {self.gpu_index} did not answer within {timeout_s:g} s "
+                    f"(log: {self.log_dir / 'control.log'})"
+                )
+            await asyncio.sleep(0.1)
+        log.info(
+            "MPS daemon for GPU %d started (pid %s, pipes in %s)",
+            self.gpu_index,
+            self.pid(),
+            self.pipe_dir,
+        )
+
+    async def healthy(self) -> bool:
+        """True while the daemon's process lives and it answers `get_server_list`."""
+        return self.running() and await self.server_pids() is not None
+
+    async def server_pids(self) -> list[int] | None:
+        """The pids of this daemon's MPS servers, or None when the daemon does not answer."""
+        answer = await self.command("get_server_list")
+        if answer is None:
+            return None
+        return [int(word) for word in answer.split() if word.isdigit()]
+
+    async def command(self, line: str) -> str | None:
+        """Send one command to the daemon; its answer, or None when it does not answer."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self.binary,
+                env={**os.environ, **self.env},
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        except OSError:
+            return None
+        try:
+            out, _ = await asyncio.wait_for(
+                process.communicate(f"{line}\n".encode()), self.command_timeout_s
+            )
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            return None
+        return out.decode(errors="replace") if process.returncode == 0 else None
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the daemon and its servers within about `timeout_s`.
+
+        `quit -t` gives clients still connected half of it; then the daemon shuts its servers
+        down itself. A daemon still there at `timeout_s` is killed, with its servers. A daemon
+        that is already gone has taken its servers with it.
+        """
+        pid = self.pid()
+        if pid is None or not _alive(pid):
+            return
+        servers = await self.server_pids() or []
+        await self.command(f"quit -t {max(1, round(timeout_s / 2))}")
+        left = await _wait_gone([pid, *servers], timeout_s)
+        if not left:
+            log.info("MPS daemon for GPU %d stopped", self.gpu_index)
+            return
+        owned = [p for p in left if self._owns(p)]
+        for p in owned:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        log.warning(
+            "MPS daemon for GPU %d did not quit within %g s; killed pids %s",
+            self.gpu_index,
+            timeout_s,
+            owned,
+        )
+        await _wait_gone(owned, 2.0)
+
+    async def watch(
+        self,
+        on_fault: Callback,
+        on_exit: Callback | None = None,
+        interval_s: float = 2.0,
+        ask_every_s: float = 60.0,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        """Watch the daemon until cancelled.
+
+        Every `interval_s`: a fault line new in the logs calls `on_fault` (once, however many
+        lines), and a daemon whose process is gone calls `on_exit` (its clients have lost their
+        server) and is restarted. Every `ask_every_s` the daemon must also answer (each question
+        costs five lines in control.log); one that does not is treated as gone. A restart waits
+        `backoff_s` first, doubled after each failed restart up to `max_backoff_s`.
+        """
+        delay = backoff_s
+        next_question = time.monotonic() + ask_every_s
+        while True:
+            await asyncio.sleep(interval_s)
+            faults = await asyncio.to_thread(self._new_fault_lines)
+            if faults:
+                log.warning(
+                    "MPS server on GPU %d reported a fault (%s); recycling its clients",
+                    self.gpu_index,
+                    faults[0],
+                )
+                await on_fault()
+            if self.running() and time.monotonic() < next_question:
+                continue
+            if await self.healthy():
+                next_question = time.monotonic() + ask_every_s
+                continue
+            pid = self.pid()
+            state = "is not answering" if self.running() else "exited"
+            log.warning(
+                "MPS daemon for GPU %d %s (pid %s); restarting in %g s",
+                self.gpu_index,
+                state,
+                pid,
+                delay,
+            )
+            if on_exit is not None:
+                await on_exit()
+            await asyncio.sleep(delay)
+            try:
+                await self.stop(timeout_s=1.0)
+                await self.start()
+            except MpsError as error:
+                delay = min(delay * 2, max_backoff_s)
+                log.error(
+                    "MPS daemon for GPU %d did not restart: %s; next try in %g s",
+                    self.gpu_index,
+                    error,
+                    delay,
+                )
+            else:
+                delay = backoff_s
+                next_question = time.monotonic() + ask_every_s
+
+    def _mark_logs(self) -> None:
+        """Remember where the logs end now: only lines written after this count as faults."""
+        for name in LOG_FILES:
+            try:
+                self._log_offsets[name] = (self.log_dir / name).stat().st_size
+            except FileNotFoundError:
+                self._log_offsets[name] = 0
+
+    def _new_fault_lines(self) -> list[str]:
+        """Fault lines written to the logs since the last look."""
+        faults = []
+        for name in LOG_FILES:
+            try:
+                with (self.log_dir / name).open("rb") as file:
+                    size = os.fstat(file.fileno()).st_size
+                    offset = self._log_offsets.get(name, 0)
+                    if size < offset:  # truncated or replaced: read it from the start
+                        offset = 0
+                    file.seek(offset)
+                    data = file.read(size - offset)
+            except FileNotFoundError:
+                continue
+            complete = data.rfind(b"\n") + 1  # a half-written last line waits for next time
+            self._log_offsets[name] = offset + complete
+            for line in data[:complete].decode(errors="replace").splitlines():
+                if FAULT_LINE.search(line):
+                    faults.append(line.strip())
+        return faults
+
+    def _owns(self, pid: int) -> bool:
+        """True if `pid` runs with this daemon's pipe directory (the daemon or one of its
+        servers): a pid reused by an unrelated process is never killed."""
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return f"CUDA_MPS_PIPE_DIRECTORY={self.pipe_dir}".encode() in environ
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, waiting for its parent to reap it, does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait up to `timeout_s` for `pids` to end; those still alive."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [pid for pid in pids if _alive(pid)]
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.05)

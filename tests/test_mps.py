@@ -1,0 +1,201 @@
+"""MpsDaemon against tests/fixtures/fake-mps-control, a stand-in with the real binary's contract."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from faas_provider.gpu.mps import MpsDaemon, MpsError, _alive
+
+FAKE = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
+UUID = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
+
+
+async def eventually(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
+    """Wait until `condition()` (a value or an awaitable) is true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def environment(pid: int | None) -> list[bytes]:
+    """The `NAME=value` entries of a process's environment."""
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def control_log(daemon: MpsDaemon) -> str:
+    return (daemon.log_dir / "control.log").read_text()
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[MpsDaemon]:
+    daemon = MpsDaemon(0, UUID, tmp_path, binary=FAKE, command_timeout_s=0.5)
+    yield daemon
+    await daemon.stop(timeout_s=0.5)
+
+
+@contextlib.asynccontextmanager
+async def watching(daemon: MpsDaemon, calls: dict[str, int]) -> AsyncIterator[None]:
+    """Run `daemon.watch` with fast timings, counting its calls, for the block's duration."""
+
+    async def on_fault() -> None:
+        calls["fault"] += 1
+
+    async def on_exit() -> None:
+        calls["exit"] += 1
+
+    watch = daemon.watch(on_fault, on_exit, interval_s=0.05, ask_every_s=0.05, backoff_s=0.05)
+    task = asyncio.create_task(watch)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_start_answers_and_stop_leaves_no_process(daemon: MpsDaemon) -> None:
+    await daemon.start()
+    pid = daemon.pid()
+    assert pid is not None and _alive(pid)
+    assert await daemon.healthy()
+    assert (daemon.log_dir / "control.log").exists()
+
+    await daemon.command("start_server -uid 0")
+    [server] = await daemon.server_pids() or []
+    assert _alive(server)
+
+    await daemon.stop()
+    assert not _alive(pid) and not _alive(server)
+    assert not await daemon.healthy()
+    # Clients still connected would have had half the timeout before their server went.
+    assert "Cmd:quit -t 5" in control_log(daemon)
+
+
+async def test_daemon_gets_its_gpu_and_directories(tmp_path: Path) -> None:
+    daemon = MpsDaemon(3, UUID, tmp_path, binary=FAKE)
+    assert daemon.env == {
+        "CUDA_VISIBLE_DEVICES": UUID,
+        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "gpu3" / "pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "gpu3" / "log"),
+    }
+    await daemon.start()
+    try:
+        environ = environment(daemon.pid())
+        assert f"CUDA_VISIBLE_DEVICES={UUID}".encode() in environ
+        assert f"CUDA_MPS_PIPE_DIRECTORY={tmp_path / 'gpu3' / 'pipe'}".encode() in environ
+    finally:
+        await daemon.stop()
+
+
+def test_client_env(tmp_path: Path) -> None:
+    daemon = MpsDaemon(1, UUID, tmp_path)
+    assert daemon.client_env(25, 2 * 1024**3) == {
+        "CUDA_VISIBLE_DEVICES": UUID,
+        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "gpu1" / "pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "gpu1" / "log"),
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25",
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=2048M",
+    }
+    # Rounded down to whole MiB: the cap never exceeds what was asked for.
+    assert daemon.client_env(None, 1500 * 1024**2 + 1)["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == (
+        "0=1500M"
+    )
+    bare = daemon.client_env(None, None)
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in bare
+    assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in bare
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match=r"1\.\.100"):
+            daemon.client_env(bad, None)
+    with pytest.raises(ValueError, match="1 MiB"):
+        daemon.client_env(None, 1000)
+
+
+async def test_start_failures_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(MpsError, match="exited with code 1"):
+        await MpsDaemon(0, UUID, tmp_path, binary="false").start()
+    # `true` exits 0 but keeps no daemon: no pid file, nothing answers.
+    with pytest.raises(MpsError, match=r"did not answer within 0\.3 s"):
+        await MpsDaemon(0, UUID, tmp_path, binary="true").start(timeout_s=0.3)
+    with pytest.raises(MpsError, match="cannot run"):
+        await MpsDaemon(0, UUID, tmp_path, binary=str(tmp_path / "missing")).start()
+
+
+async def test_a_running_daemon_is_adopted(
+    daemon: MpsDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fast_gshare.gpu.mps")
+    await daemon.start()
+    pid = daemon.pid()
+    await MpsDaemon(0, UUID, daemon.pipe_dir.parents[1], binary=FAKE).start()
+    assert daemon.pid() == pid and _alive(pid)
+    assert "already running" in caplog.text
+
+
+async def test_watch_restarts_a_killed_daemon(
+    daemon: MpsDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fast_gshare.gpu.mps")
+    await daemon.start()
+    old = daemon.pid()
+    assert old is not None
+    calls = {"fault": 0, "exit": 0}
+    async with watching(daemon, calls):
+        os.kill(old, signal.SIGKILL)
+        await eventually(lambda: caplog.text.count("MPS daemon for GPU 0 started") == 2)
+    assert daemon.pid() != old and await daemon.healthy()
+    assert calls == {"fault": 0, "exit": 1}
+    assert f"MPS daemon for GPU 0 exited (pid {old}); restarting in 0.05 s" in caplog.text
+
+
+async def test_watch_kills_and_restarts_a_daemon_that_stopped_answering(
+    daemon: MpsDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fast_gshare.gpu.mps")
+    await daemon.start()
+    await daemon.command("start_server -uid 0")
+    [server] = await daemon.server_pids() or []
+    old = daemon.pid()
+    calls = {"fault": 0, "exit": 0}
+    async with watching(daemon, calls):
+        await daemon.command("fake_hang")  # no answer comes
+        await eventually(lambda: caplog.text.count("MPS daemon for GPU 0 started") == 2)
+    assert not _alive(old) and not _alive(server)
+    assert daemon.pid() != old and await daemon.healthy()
+    assert calls == {"fault": 0, "exit": 1}
+    assert f"MPS daemon for GPU 0 is not answering (pid {old}); restarting" in caplog.text
+    assert f"did not quit within 1 s; killed pids [{old}]" in caplog.text
+
+
+async def test_watch_reports_a_fault_once(
+    daemon: MpsDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A fault from before this daemon started is history, not news.
+    daemon.log_dir.mkdir(parents=True)
+    old_fault = "[2024-01-01 00:00:00.000 Server 1] Server encountered a fatal exception\n"
+    (daemon.log_dir / "server.log").write_text(old_fault)
+    await daemon.start()
+    await daemon.command("start_server -uid 0")
+    calls = {"fault": 0, "exit": 0}
+    async with watching(daemon, calls):
+        await asyncio.sleep(0.2)
+        assert calls["fault"] == 0
+        await daemon.command("fake_fault")
+        await eventually(lambda: calls["fault"] == 1)
+        await asyncio.sleep(0.2)  # several more checks
+    assert calls == {"fault": 1, "exit": 0}
+    assert "MPS server on GPU 0 reported a fault" in caplog.text
