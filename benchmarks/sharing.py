@@ -252,6 +252,214 @@ def run_bare(mode: str, processes: int, sm_percent: int | None, seconds: float) 
     }
 
 
+# --- through fast-gshare: HTTP -> provider proxy -> gate -> replica under MPS ----------------
+
+FUNCTIONS_DIR = REPO / "functions"
+CLIENTS_PER_FUNCTION = 2
+
+
+def _jpeg(side: int = 224) -> bytes:
+    """A random side x side JPEG, the body every full-path request sends."""
+    import torch
+    from torchvision.io import encode_jpeg
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator)
+    return encode_jpeg(pixels, quality=90).numpy().tobytes()
+
+
+@contextlib.contextmanager
+def provider(functions: dict[str, dict[str, Any]]) -> Iterator[str]:
+    """`fast-gshare up` with `functions` (name -> stack entry), until all are available."""
+    import socket
+    import urllib.request
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="sharing-provider-") as scratch:
+        stack = Path(scratch, "stack.yml")
+        stack.write_text(yaml.safe_dump({"functions": functions}))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        log = open(Path(scratch, "provider.log"), "w")  # noqa: SIM115 - closed below
+        command = [sys.executable, "-m", "faas_provider.cli", "up", "--stack", str(stack)]
+        command += ["--functions-dir", str(FUNCTIONS_DIR), "--port", str(port)]
+        command += ["--state-dir", str(Path(scratch, "state"))]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            began = time.monotonic()
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"the provider exited: {Path(scratch, 'provider.log').read_text()[-3000:]}"
+                    )
+                try:
+                    with urllib.request.urlopen(f"{base}/system/functions", timeout=5) as answer:
+                        listed = json.loads(answer.read())
+                except OSError:
+                    listed = []
+                ready = sum(1 for f in listed if f["availableReplicas"] >= f["replicas"] > 0)
+                waited = time.monotonic() - began
+                print(f"  {ready}/{len(functions)} functions ready ({waited:.0f} s)", flush=True)
+                if ready == len(functions):
+                    break
+                if time.monotonic() - began > LOAD_TIMEOUT_S:
+                    raise RuntimeError("the functions did not become ready in time")
+                time.sleep(2)
+            yield base
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+            log.close()
+            print(f"  provider log tail:\n{Path(scratch, 'provider.log').read_text()[-1500:]}")
+
+
+def drive(
+    base: str, names: list[str], seconds: float, clients: int = CLIENTS_PER_FUNCTION
+) -> dict[str, list[float]]:
+    """Closed-loop clients, `clients` per function, for `seconds` after a ramp: latencies."""
+    import asyncio
+
+    import aiohttp
+
+    body = _jpeg()
+
+    async def run() -> dict[str, list[float]]:
+        latencies: dict[str, list[float]] = {name: [] for name in names}
+        errors: dict[str, int] = dict.fromkeys(names, 0)
+        loop = asyncio.get_running_loop()
+        start = loop.time() + RAMP_S
+        end = start + seconds
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def client(name: str) -> None:
+                while (began := loop.time()) < end:
+                    async with session.post(f"{base}/function/{name}", data=body) as answer:
+                        await answer.read()
+                    if answer.status != 200:
+                        errors[name] += 1
+                    elif began >= start:
+                        latencies[name].append(loop.time() - began)
+
+            async def progress() -> None:
+                while (now := loop.time()) < end:
+                    await asyncio.sleep(PROGRESS_EVERY_S)
+                    if now > start:
+                        rate = sum(len(v) for v in latencies.values()) / (now - start)
+                        print(f"  {now - start:4.1f}/{seconds:g} s, {rate:6.0f} req/s", flush=True)
+
+            await asyncio.gather(progress(), *(client(n) for n in names for _ in range(clients)))
+        failed = {name: count for name, count in errors.items() if count}
+        if failed:
+            print(f"  failed requests: {failed}", flush=True)
+        return latencies
+
+    return asyncio.run(run())
+
+
+def _shared(
+    sm: int, request: float | None = None, limit: float = 1.0, **extra: Any
+) -> dict[str, Any]:
+    annotations = {"fastgshare/gpu_sm_partition": str(sm), "fastgshare/gpu_quota_limit": str(limit)}
+    if request is not None:
+        annotations["fastgshare/gpu_quota_request"] = str(request)
+    return {"image": "fast-gshare/resnet50:0.1.0", "annotations": annotations, **extra}
+
+
+def full_path(args: argparse.Namespace) -> dict[str, Any]:
+    """--processes ResNet-50 functions at --sm-percent each, quota limit 1, through fast-gshare."""
+    names = [f"resnet50-{index}" for index in range(args.processes)]
+    print(f"full-path: deploying {len(names)} functions at {args.sm_percent}% SMs", flush=True)
+    with provider({name: _shared(args.sm_percent) for name in names}) as base:
+        latencies = drive(base, names, args.seconds)
+    per_function = [_summary(latencies[name], args.seconds) for name in names]
+    import torch
+
+    return {
+        "mode": "full-path",
+        "processes": len(names),
+        "sm_percent": args.sm_percent,
+        "seconds": args.seconds,
+        "clients_per_function": CLIENTS_PER_FUNCTION,
+        "aggregate_img_s": sum(row["img_s"] for row in per_function),
+        "per_process": per_function,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def partitions(args: argparse.Namespace) -> dict[str, Any]:
+    """One saturating function (batch 32 a request) at 25% and at 100% of the SMs."""
+    rates = {}
+    for sm in (25, 100):
+        print(f"partitions: one batch-32 function at {sm}% SMs", flush=True)
+        entry = _shared(sm, environment={"RESNET50_BATCH": "32"})
+        with provider({"saturating": entry}) as base:
+            latencies = drive(base, ["saturating"], args.seconds / 2, clients=4)
+        rates[sm] = 32 * len(latencies["saturating"]) / (args.seconds / 2)
+        print(f"partitions: {sm}% SMs -> {rates[sm]:.0f} img/s", flush=True)
+    return {"mode": "partitions", "img_s": rates, "ratio_25_to_100": rates[25] / rates[100]}
+
+
+def quotas(args: argparse.Namespace) -> dict[str, Any]:
+    """Two greedy functions (whole SMs each, batch 8) with limits 0.3 and 0.7; then one with
+    request 0.5 beside three greedy neighbours (request 0.1, limit 1)."""
+    heavy = {"RESNET50_BATCH": "8"}
+    cases = {
+        "limits": {
+            "limit-30": _shared(100, limit=0.3, environment=heavy),
+            "limit-70": _shared(100, limit=0.7, environment=heavy),
+        },
+        "request": {
+            "request-50": _shared(100, request=0.5, environment=heavy),
+            **{f"greedy-{i}": _shared(100, request=0.1, environment=heavy) for i in range(3)},
+        },
+    }
+    shares = {}
+    for case, functions in cases.items():
+        print(f"quotas: {case}", flush=True)
+        with provider(functions) as base:
+            latencies = drive(base, list(functions), args.seconds / 2)
+        total = sum(len(v) for v in latencies.values())
+        shares[case] = {name: len(v) / total for name, v in latencies.items()}
+        print(f"quotas: {case} shares {shares[case]}", flush=True)
+    return {"mode": "quotas", "shares": shares}
+
+
+def memory_cap(args: argparse.Namespace) -> dict[str, Any]:
+    """A function capped at 2 GiB that allocates 3 GB fails alone; 1 GB works; a neighbour
+    keeps answering throughout."""
+    import urllib.error
+    import urllib.request
+
+    functions = {
+        "capped": {
+            "image": "fast-gshare/gpu-alloc:0.1.0",
+            "annotations": {"fastgshare/gpu_sm_partition": "20", "fastgshare/gpu_mem": "2Gi"},
+        },
+        "neighbour": _shared(20),
+    }
+    outcome: dict[str, Any] = {}
+    with provider(functions) as base:
+        for gigabytes in (1, 3):
+            request = urllib.request.Request(
+                f"{base}/function/capped", data=str(gigabytes).encode()
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    outcome[f"{gigabytes}GB"] = (answer.status, answer.read().decode()[:200])
+            except urllib.error.HTTPError as error:
+                outcome[f"{gigabytes}GB"] = (error.code, error.read().decode()[:200])
+            print(f"memory-cap: allocate {gigabytes} GB -> {outcome[f'{gigabytes}GB']}", flush=True)
+        latencies = drive(base, ["neighbour"], 3, clients=1)
+        outcome["neighbour_answered"] = len(latencies["neighbour"])
+    return {"mode": "memory-cap", **outcome}
+
+
 # --- modes, table, results -----------------------------------------------------------------
 
 
@@ -274,11 +482,22 @@ MODES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "single": single,
     "time-sliced": time_sliced,
     "bare-mps": bare_mps,
+    "full-path": full_path,
+    "partitions": partitions,
+    "quotas": quotas,
+    "memory-cap": memory_cap,
 }
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    """One line per mode: aggregate throughput and the spread of per-process latencies."""
+    """One line per mode: aggregate throughput and the spread of per-process latencies; then
+    the outcome of each experiment."""
+    experiments = [r for r in results if "per_process" not in r]
+    results = [r for r in results if "per_process" in r]
+    for experiment in experiments:
+        print(json.dumps(experiment))
+    if not results:
+        return
     first = results[0]
     print(f"on {first['device']}, torch {first['torch']}, {first['seconds']:g} s measured a mode")
     print(

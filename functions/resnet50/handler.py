@@ -5,6 +5,8 @@ in fp32 on the CPU; weights from the state_dict file named by RESNET50_WEIGHTS (
 torch.save), else from a seeded random initialisation. One forward pass at import warms it.
 Request: a JPEG or PNG image as the body; response: `{"top5": [{"class": index, "label": name,
 "probability": p}, ...]}`, most probable first, or 400 with `{"error": what to fix}`.
+Resizing runs on the GPU. RESNET50_BATCH=N (default 1) runs each request as a batch of N
+copies of its image, to make a request saturate a GPU share in sharing experiments.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 SOURCE_PREFIX = re.compile(r"^[^,]*, \S+:\d+, ")
 SEND = "send the bytes of a JPEG or PNG image as the body"
 
+BATCH = int(os.environ.get("RESNET50_BATCH", "1"))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
 
@@ -53,7 +56,7 @@ def load_model(path: str | None) -> nn.Module:
 
 
 def preprocess(body: bytes) -> torch.Tensor:
-    """The image in `body` as a normalised (1, 3, 224, 224) batch on DEVICE; ValueError saying
+    """The image in `body` as a normalised (BATCH, 3, 224, 224) batch on DEVICE; ValueError saying
     what to fix when it is not a JPEG or PNG image."""
     if not body:
         raise ValueError(f"the body is empty; {SEND}")
@@ -66,14 +69,15 @@ def preprocess(body: bytes) -> torch.Tensor:
     except RuntimeError as error:
         reason = SOURCE_PREFIX.sub("", str(error))
         raise ValueError(f"the {kind} image cannot be decoded ({reason}); {SEND}") from None
+    image = image.to(DEVICE)
     image = tf.center_crop(tf.resize(image, [RESIZE], antialias=True), [CROP, CROP])
-    batch = tf.to_dtype(image.unsqueeze(0).to(DEVICE), torch.float32, scale=True)
-    batch = tf.normalize(batch, MEAN, STD)
+    batch = tf.to_dtype(image.unsqueeze(0), torch.float32, scale=True)
+    batch = tf.normalize(batch, MEAN, STD).expand(BATCH, -1, -1, -1)
     return batch.to(DTYPE).contiguous(memory_format=torch.channels_last)
 
 
 def classify(batch: torch.Tensor) -> list[dict[str, Any]]:
-    """The TOP_K most probable ImageNet classes of the one image in `batch`."""
+    """The TOP_K most probable ImageNet classes of the first image in `batch`."""
     with torch.inference_mode():
         probabilities = MODEL(batch).float().softmax(dim=1)[0]
         top = probabilities.topk(TOP_K)
