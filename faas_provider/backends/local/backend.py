@@ -35,7 +35,7 @@ from faas_provider.backends.local.state import (
     StoredFunction,
     StoredNamespace,
 )
-from faas_provider.gpu.discovery import discover_gpus
+from faas_provider.gpu.discovery import GpuDevice, discover_gpus
 from faas_provider.gpu.share import GpuShare, gpu_share
 from faas_provider.models import (
     FunctionDeployment,
@@ -98,6 +98,7 @@ class LocalBackend:
         gpus: GpuPool | None = None,
     ) -> None:
         self._gpus = gpus or GpuPool(discover_gpus())
+        self._gpus.on_fault = self._recycle_gpu
         self._store = StateStore(state_dir)
         self._state_dir = state_dir
         self._functions_root = functions_root
@@ -382,6 +383,17 @@ class LocalBackend:
         if function.share is not None:
             self._gpus.release(_placement_key(function.deployment, replica.instance))
             self._place_pending()
+
+    async def _recycle_gpu(self, device: GpuDevice) -> None:
+        """Restart every replica on `device` (its MPS server faulted); other GPUs go on."""
+        victims = [
+            replica
+            for function in self._functions.values()
+            for replica in function.replicas + function.retiring
+            if self._gpus.device_of(_placement_key(function.deployment, replica.instance)) == device
+        ]
+        log.warning("recycling %d replica(s) on GPU %d", len(victims), device.index)
+        await asyncio.gather(*(replica.recycle() for replica in victims))
 
     def _place_pending(self) -> None:
         """Give freed GPU room to pending replicas, oldest function first."""

@@ -3,26 +3,33 @@
 A GPU replica is placed on a GPU (packing, see gpu/placement.py), started as an MPS client of
 that GPU's daemon with its SM partition and memory cap (on a real GPU), and fronted by a
 time-quota gate registered with the token service that runs here, in the provider. On a
-machine without a GPU the same happens on a virtual GPU, without MPS, CPU-only.
+machine without a GPU the same happens on a virtual GPU, without MPS, CPU-only. When an MPS
+server reports a fatal fault, `on_fault` is called with its GPU: the backend then recycles the
+replicas of that GPU alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from faas_provider.backends.base import InvalidRequest
 from faas_provider.gate.service import TokenService
 from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.gpu.mps import CONTROL_BINARY, MpsDaemon
 from faas_provider.gpu.placement import GpuLoad, choose_gpu, fits_when_empty, why_pending
 from faas_provider.gpu.share import GPU_MEMORY, GpuShare
 
 log = logging.getLogger("fast_gshare.gpus")
+
+FaultHook = Callable[[GpuDevice], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -35,24 +42,61 @@ class Placement:
 
 
 class GpuPool:
-    """Places GPU replicas and runs what they need: the token service (and MPS daemons)."""
+    """Places GPU replicas and runs what they need: the token service and MPS daemons."""
 
-    def __init__(self, devices: list[GpuDevice], window_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        devices: list[GpuDevice],
+        window_s: float = 0.1,
+        mps_binary: str = CONTROL_BINARY,
+    ) -> None:
         self.devices = devices
         self._loads = [GpuLoad(device) for device in devices]
         self._where: dict[str, GpuLoad] = {}
         self._tokens = TokenService(window_s)
         self._run_dir = Path(tempfile.mkdtemp(prefix="fast-gshare-"))
         self.token_socket = self._run_dir / "tokens.sock"
+        self._mps_binary = mps_binary
+        self._mps: dict[int, MpsDaemon] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+        self.on_fault: FaultHook | None = None
 
     async def start(self) -> None:
-        """Start the token service."""
+        """Start the token service and, on real GPUs, one MPS daemon per GPU."""
         await self._tokens.start(self.token_socket)
+        real = [device for device in self.devices if not device.virtual]
+        if real and shutil.which(self._mps_binary) is None:
+            log.warning(
+                "%s not found: GPU replicas share time through their gates, but not SMs",
+                self._mps_binary,
+            )
+            return
+        for device in real:
+            daemon = MpsDaemon(device.index, device.uuid, self._run_dir / "mps", self._mps_binary)
+            await daemon.start()
+            self._mps[device.index] = daemon
+            self._watchers.append(asyncio.create_task(daemon.watch(self._fault_on(device))))
 
     async def close(self) -> None:
-        """Stop the token service and remove its socket."""
+        """Stop the MPS daemons and the token service; remove their sockets."""
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*(daemon.stop() for daemon in self._mps.values()))
         await self._tokens.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def device_of(self, key: str) -> GpuDevice | None:
+        """The GPU replica `key` is placed on."""
+        load = self._where.get(key)
+        return load.device if load is not None else None
+
+    def _fault_on(self, device: GpuDevice) -> Callable[[], Awaitable[None]]:
+        async def recycle() -> None:
+            if self.on_fault is not None:
+                await self.on_fault(device)
+
+        return recycle
 
     def check(self, share: GpuShare) -> None:
         """InvalidRequest when no GPU of this machine could hold `share` even empty."""
@@ -70,7 +114,11 @@ class GpuPool:
         load.shares[key] = share
         self._where[key] = load
         device = load.device
-        env = {} if device.virtual else {"CUDA_VISIBLE_DEVICES": device.uuid}
+        daemon = self._mps.get(device.index)
+        if daemon is not None and not share.exclusive:
+            env = daemon.client_env(share.sm_percent, share.memory_bytes)
+        else:
+            env = {} if device.virtual else {"CUDA_VISIBLE_DEVICES": device.uuid}
         gate_argv = None
         if not share.exclusive:  # a whole GPU has nobody to share time with
             gate_argv = [sys.executable, "-m", "faas_provider.gate"]

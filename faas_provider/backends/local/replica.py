@@ -90,6 +90,11 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    async def recycle(self) -> None:
+        """End the processes now; the supervisor starts them again (after its backoff)."""
+        log.warning("replica %s recycled", self.instance)
+        await self._terminate()
+
     async def _supervise(self) -> None:
         backoff = BACKOFF_FIRST_S
         loop = asyncio.get_running_loop()
