@@ -198,3 +198,42 @@ async def test_a_killed_gate_is_restarted_with_its_replica(gpu_client: TestClien
     again = await (await gpu_client.get("/system/endpoints/guarded")).json()
     assert int(again["urls"][0].rsplit(":", 1)[1]) != port
     assert await (await gpu_client.post("/function/guarded", data=b"")).text() == "ok"
+
+
+async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_request(
+    aiohttp_client: Any, settings: Settings, functions_root: Path
+) -> None:
+    """With the stand-in MPS control binary on a (pretend) real GPU: the server reports a
+    fatal fault, the replica on that GPU is replaced, a plain function answers throughout."""
+    device = GpuDevice(index=0, uuid="GPU-fake-0", name="fake", memory_bytes=16 * 1024**3)
+    fake = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
+    pool = GpuPool([device], mps_binary=fake)
+    backend = LocalBackend(settings.state_dir, functions_root, gpus=pool)
+    client = await aiohttp_client(create_app(backend, settings))
+    on_gpu = {**STEER, "annotations": {"fastgshare/gpu_sm_partition": "50"}}
+    assert await faas_cli_deploy(client, on_gpu) == 202
+    assert await faas_cli_deploy(client, ECHO) == 202
+    await wait_available(client, "steer")
+    await wait_available(client, "echo")
+    before = (await (await client.post("/function/steer", data=b"")).json())["pid"]
+
+    daemon = pool.daemon(0)
+    assert daemon is not None
+    await daemon.command("start_server -uid 0")
+    await daemon.command("fake_fault")
+    loop = asyncio.get_running_loop()
+    faulted = loop.time()
+    lost = answered = 0
+    recovered_after = None
+    while loop.time() - faulted < 15 and recovered_after is None:
+        echo = await client.post("/function/echo", data=b"x")
+        answered += 1
+        lost += echo.status != 200
+        gpu = await client.post("/function/steer", data=b"")
+        if gpu.status == 200 and (await gpu.json())["pid"] != before:
+            recovered_after = loop.time() - faulted
+        await asyncio.sleep(0.05)
+    assert recovered_after is not None, "the GPU replica was not recycled"
+    assert lost == 0 and answered > 10, "a plain function must not lose a request"
+    logs = await (await client.get("/system/logs?name=steer")).text()
+    assert "restarting" in logs

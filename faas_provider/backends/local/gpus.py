@@ -86,6 +86,10 @@ class GpuPool:
         await self._tokens.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
+    def daemon(self, index: int) -> MpsDaemon | None:
+        """The MPS daemon of GPU `index`, if it has one."""
+        return self._mps.get(index)
+
     def device_of(self, key: str) -> GpuDevice | None:
         """The GPU replica `key` is placed on."""
         load = self._where.get(key)
