@@ -51,7 +51,7 @@ def _send(message: dict[str, Any]) -> None:
     print(json.dumps(message), flush=True)
 
 
-def worker() -> None:
+def worker(through_handler: bool = False) -> None:
     """One process of a mode: load and warm ResNet-50, report ready, wait at the barrier for
     `{"start", "end"}` (time.monotonic, shared by all processes), then infer until `end`.
 
@@ -59,17 +59,36 @@ def worker() -> None:
     started in the interval so far), and the latencies of those inferences at the end.
     """
     import torch
-    from torchvision.models import resnet50
 
     loading = time.monotonic()
-    torch.manual_seed(0)
-    model = resnet50().eval().to("cuda", torch.float16, memory_format=torch.channels_last)
-    image = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.float16)
-    image = image.contiguous(memory_format=torch.channels_last)
+    if through_handler:  # the function's own work: decode, preprocess, infer, top-5
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "handler", REPO / "functions" / "resnet50" / "handler.py"
+        )
+        assert spec is not None and spec.loader is not None
+        handler = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(handler)
+        body = _jpeg()
+
+        def infer() -> None:
+            handler.classify(handler.preprocess(body))  # .tolist() waits for the GPU
+    else:
+        from torchvision.models import resnet50
+
+        torch.manual_seed(0)
+        model = resnet50().eval().to("cuda", torch.float16, memory_format=torch.channels_last)
+        image = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.float16)
+        image = image.contiguous(memory_format=torch.channels_last)
+
+        def infer() -> None:
+            model(image)
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
         for _ in range(WARMUP_INFERENCES):
-            model(image)
-        torch.cuda.synchronize()
+            infer()
         _send(
             {
                 "ready": time.monotonic() - loading,
@@ -82,8 +101,7 @@ def worker() -> None:
         latencies: list[float] = []
         report_at = start + 1.0
         while (began := time.monotonic()) < end:
-            model(image)
-            torch.cuda.synchronize()
+            infer()
             done = time.monotonic()
             if began >= start:
                 latencies.append(done - began)
@@ -133,11 +151,12 @@ class Fleet:
     """Measuring processes started together, whose stdout lines arrive on one queue as
     (index, message), then (index, None) at EOF. Leaving the block kills what still runs."""
 
-    def __init__(self, count: int, env: dict[str, str]) -> None:
+    def __init__(self, count: int, env: dict[str, str], through_handler: bool = False) -> None:
+        flags = ["--worker", "--through-handler"] if through_handler else ["--worker"]
         self.inbox: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
         self.processes = [
             subprocess.Popen(
-                [sys.executable, __file__, "--worker"],
+                [sys.executable, __file__, *flags],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -199,9 +218,16 @@ def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
     }
 
 
-def run_bare(mode: str, processes: int, sm_percent: int | None, seconds: float) -> dict[str, Any]:
+def run_bare(
+    mode: str,
+    processes: int,
+    sm_percent: int | None,
+    seconds: float,
+    through_handler: bool = False,
+) -> dict[str, Any]:
     """`processes` bare ResNet-50 processes on the GPU for `seconds`: MPS clients at
-    `sm_percent` of the SMs each when it is given, else time-sliced without MPS."""
+    `sm_percent` of the SMs each when it is given, else time-sliced without MPS. With
+    `through_handler` each does the function's whole work (the resnet50 handler on a JPEG)."""
     print(f"{mode}: starting {processes} processes", flush=True)
     with contextlib.ExitStack() as stack:
         if sm_percent is None:
@@ -212,7 +238,7 @@ def run_bare(mode: str, processes: int, sm_percent: int | None, seconds: float) 
         else:
             mps = stack.enter_context(mps_daemon())
             env = {**os.environ, **mps, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(sm_percent)}
-        fleet = stack.enter_context(Fleet(processes, env))
+        fleet = stack.enter_context(Fleet(processes, env, through_handler))
         began = time.monotonic()
         ready: dict[int, dict[str, Any]] = {}
         while len(ready) < processes:
@@ -317,9 +343,15 @@ def provider(functions: dict[str, dict[str, Any]]) -> Iterator[str]:
 
 
 def drive(
-    base: str, names: list[str], seconds: float, clients: int = CLIENTS_PER_FUNCTION
+    base: str,
+    names: list[str],
+    seconds: float,
+    clients: int = CLIENTS_PER_FUNCTION,
+    handler_times: list[float] | None = None,
 ) -> dict[str, list[float]]:
-    """Closed-loop clients, `clients` per function, for `seconds` after a ramp: latencies."""
+    """Closed-loop clients, `clients` per function, for `seconds` after a ramp: latencies.
+    `handler_times` collects each answer's X-Duration-Seconds (the time the replica's
+    handler took), to tell the function's own time from the path's."""
     import asyncio
 
     import aiohttp
@@ -343,6 +375,8 @@ def drive(
                         errors[name] += 1
                     elif began >= start:
                         latencies[name].append(loop.time() - began)
+                        if handler_times is not None:
+                            handler_times.append(float(answer.headers["X-Duration-Seconds"]))
 
             async def progress() -> None:
                 while (now := loop.time()) < end:
@@ -373,9 +407,17 @@ def full_path(args: argparse.Namespace) -> dict[str, Any]:
     """--processes ResNet-50 functions at --sm-percent each, quota limit 1, through fast-gshare."""
     names = [f"resnet50-{index}" for index in range(args.processes)]
     print(f"full-path: deploying {len(names)} functions at {args.sm_percent}% SMs", flush=True)
+    handler_times: list[float] = []
     with provider({name: _shared(args.sm_percent) for name in names}) as base:
-        latencies = drive(base, names, args.seconds)
+        latencies = drive(base, names, args.seconds, args.clients, handler_times)
     per_function = [_summary(latencies[name], args.seconds) for name in names]
+    every = sorted(t for name in names for t in latencies[name])
+    print(
+        f"full-path: {args.clients} client(s) a function; mean request "
+        f"{1000 * sum(every) / len(every):.2f} ms, of which the handler "
+        f"{1000 * sum(handler_times) / len(handler_times):.2f} ms",
+        flush=True,
+    )
     import torch
 
     return {
@@ -383,7 +425,9 @@ def full_path(args: argparse.Namespace) -> dict[str, Any]:
         "processes": len(names),
         "sm_percent": args.sm_percent,
         "seconds": args.seconds,
-        "clients_per_function": CLIENTS_PER_FUNCTION,
+        "clients_per_function": args.clients,
+        "handler_mean_ms": 1000 * sum(handler_times) / len(handler_times),
+        "request_mean_ms": 1000 * sum(every) / len(every),
         "aggregate_img_s": sum(row["img_s"] for row in per_function),
         "per_process": per_function,
         "device": torch.cuda.get_device_name(),
@@ -463,6 +507,12 @@ def memory_cap(args: argparse.Namespace) -> dict[str, Any]:
 # --- modes, table, results -----------------------------------------------------------------
 
 
+def bare_handler(args: argparse.Namespace) -> dict[str, Any]:
+    """The processes as MPS clients at --sm-percent, each running the resnet50 handler's
+    whole work on a JPEG: the function without the platform, what full-path is held to."""
+    return run_bare("bare-handler", args.processes, args.sm_percent, args.seconds, True)
+
+
 def single(args: argparse.Namespace) -> dict[str, Any]:
     """One process alone on the GPU."""
     return run_bare("single", 1, None, args.seconds)
@@ -482,6 +532,7 @@ MODES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "single": single,
     "time-sliced": time_sliced,
     "bare-mps": bare_mps,
+    "bare-handler": bare_handler,
     "full-path": full_path,
     "partitions": partitions,
     "quotas": quotas,
@@ -534,10 +585,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=7, help="processes per shared mode")
     parser.add_argument("--sm-percent", type=int, default=14, help="SM share of each MPS client")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per mode")
+    parser.add_argument(
+        "--clients", type=int, default=CLIENTS_PER_FUNCTION, help="full-path clients a function"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--through-handler", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker()
+        worker(args.through_handler)
         return
     results = []
     try:
