@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from faas_provider.gpu.share import gpu_share
 from faas_provider.stack import StackError, load_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,6 +16,12 @@ def test_repository_stack_file_loads() -> None:
     functions = {f.service: f for f in load_stack(REPO / "stack.yml")}
     assert functions["echo"].env_process == "cat"
     assert "tiny-cpu" in functions
+    shares = {name: gpu_share(f) for name, f in functions.items()}
+    assert shares["echo"] is None and shares["tiny-cpu"] is None
+    small = shares["resnet50-small"]
+    assert small is not None and (small.sm_percent, small.memory_bytes) == (14, 2 * 1024**3)
+    gpu = [share for share in shares.values() if share is not None]
+    assert len(gpu) == 3 and sum(share.footprint for share in gpu) <= 100, "one GPU holds them"
 
 
 def test_stack_fields_map_to_the_deployment(
