@@ -92,11 +92,14 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     except Unavailable as error:
         return web.Response(status=503, text=str(error), headers=INTERNAL)
     except (UpstreamError, TimeoutError) as error:
-        reason = str(error) or type(error).__name__
-        log.warning("invocation of %s failed: %s", where, reason)
-        return web.Response(
-            status=502, text=f"function {where} did not answer: {reason}", headers=INTERNAL
-        )
+        return bad_gateway(f"function {where}", error)
+
+
+def bad_gateway(what: str, error: Exception) -> web.Response:
+    """502 with `X-OpenFaaS-Internal: proxy` for an upstream that failed, logged in a line."""
+    reason = str(error) or type(error).__name__
+    log.warning("%s did not answer: %s", what, reason)
+    return web.Response(status=502, text=f"{what} did not answer: {reason}", headers=INTERNAL)
 
 
 async def forward(request: web.Request, base: str, target: str) -> web.StreamResponse:

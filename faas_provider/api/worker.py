@@ -60,11 +60,7 @@ def create_worker_app(settings: Settings, control_socket: Path) -> web.Applicati
         try:
             return await proxy.forward(request, control, request.raw_path)
         except (UpstreamError, TimeoutError) as error:
-            return web.Response(
-                status=502,
-                text=f"the provider process did not answer: {error or type(error).__name__}",
-                headers=proxy.INTERNAL,
-            )
+            return proxy.bad_gateway("the provider process", error)
 
     app.cleanup_ctx.append(lifecycle)
     app.add_routes(

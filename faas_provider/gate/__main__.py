@@ -62,11 +62,7 @@ def create_gate_app(upstream: str, gate: QuotaGate, upstream_timeout_s: float) -
         except SchedulerUnavailable as error:
             return web.Response(status=503, text=str(error), headers=proxy.INTERNAL)
         except (UpstreamError, TimeoutError) as error:
-            return web.Response(
-                status=502,
-                text=f"the replica did not answer: {error or type(error).__name__}",
-                headers=proxy.INTERNAL,
-            )
+            return proxy.bad_gateway("the replica", error)
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/_/health", health)
