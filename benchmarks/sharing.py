@@ -14,8 +14,8 @@ and warm, so all of them measure the same interval.
                                  [--sm-percent 14] [--seconds 20]
 
 Prints progress and a table; merges each mode's figures into benchmarks/results/sharing.json.
-The bare modes need torch and torchvision (and nvidia-cuda-mps-control for bare-mps), nothing
-of the provider.
+The bare modes need torch and torchvision (and nvidia-cuda-mps-control for the MPS modes) and,
+of fast-gshare, only its MPS daemon control; the full-path modes run fast-gshare itself.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ WARMUP_INFERENCES = 20
 LOAD_TIMEOUT_S = 240.0
 RAMP_S = 1.0  # from the barrier's release to the start of the measured interval
 PROGRESS_EVERY_S = 5.0
-MPS_CONTROL = "nvidia-cuda-mps-control"
-MPS_PID_FILE = "nvidia-cuda-mps-control.pid"
 
 # --- one measuring process -----------------------------------------------------------------
 
@@ -114,36 +112,25 @@ def worker(through_handler: bool = False) -> None:
 # --- the bare modes ------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @contextlib.contextmanager
 def mps_daemon() -> Iterator[dict[str, str]]:
-    """An MPS control daemon of this script's own, in a temporary directory; yields the variables
-    that make a process its client. It is told to quit on the way out, also on error."""
+    """The GPU's MPS control daemon, as the provider runs it (faas_provider.gpu.mps), in a
+    temporary directory; yields the variables that make a process its client. It is stopped on
+    the way out, also on error."""
+    import asyncio
+
+    from faas_provider.gpu.discovery import discover_gpus
+    from faas_provider.gpu.mps import MpsDaemon
+
+    gpu = discover_gpus()[0]
     with tempfile.TemporaryDirectory(prefix="sharing-mps-") as scratch:
-        pipe, logs = Path(scratch, "pipe"), Path(scratch, "log")
-        pipe.mkdir()
-        logs.mkdir()
-        env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
-        control = {**os.environ, **env}
-        subprocess.run([MPS_CONTROL, "-d"], env=control, check=True)
-        print(f"  MPS control daemon started (pipes in {pipe})", flush=True)
+        daemon = MpsDaemon(gpu.index, gpu.uuid, scratch)
+        asyncio.run(daemon.start())
+        print(f"  MPS control daemon started (pipes in {daemon.pipe_dir})", flush=True)
         try:
-            yield env
+            yield daemon.env
         finally:
-            subprocess.run([MPS_CONTROL], input=b"quit\n", env=control, timeout=30, check=False)
-            with contextlib.suppress(OSError, ValueError):
-                pid = int((pipe / MPS_PID_FILE).read_text())
-                deadline = time.monotonic() + 10
-                while _alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+            asyncio.run(daemon.stop())
             print("  MPS control daemon stopped", flush=True)
 
 
