@@ -491,6 +491,89 @@ def memory_cap(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": "memory-cap", **outcome}
 
 
+def faults(args: argparse.Namespace) -> dict[str, Any]:
+    """Fault drills: kill -9 one GPU replica, then make one crash its GPU context (a fatal
+    MPS fault). Counts the requests lost by a GPU neighbour on the same GPU and by a plain
+    function, and how long until each answers again."""
+    import signal
+    import threading
+    import urllib.error
+    import urllib.request
+
+    functions = {
+        "victim": {
+            "image": "fast-gshare/gpu-fault:0.1.0",
+            "annotations": {"fastgshare/gpu_sm_partition": "20"},
+        },
+        "neighbour": _shared(20),
+        "plain": {"image": "fast-gshare/echo:0.1.0", "fprocess": "cat"},
+    }
+    body = _jpeg()
+    outcome: dict[str, Any] = {}
+    with provider(functions) as base:
+
+        def call(name: str, data: bytes) -> int:
+            request = urllib.request.Request(f"{base}/function/{name}", data=data)
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    answer.read()
+                    return answer.status
+            except urllib.error.HTTPError as error:
+                return error.code
+            except OSError:
+                return 0
+
+        record: dict[str, list[tuple[float, int]]] = {"neighbour": [], "plain": []}
+        stop = threading.Event()
+
+        def keep_calling(name: str, data: bytes) -> None:
+            while not stop.is_set():
+                record[name].append((time.monotonic(), call(name, data)))
+                time.sleep(0.02)
+
+        callers = [
+            threading.Thread(target=keep_calling, args=("neighbour", body)),
+            threading.Thread(target=keep_calling, args=("plain", b"ping")),
+        ]
+        for caller in callers:
+            caller.start()
+        time.sleep(2)
+        for drill in ("kill -9", "GPU fault"):
+            began = time.monotonic()
+            if drill == "kill -9":
+                victim = next(
+                    int(pid)
+                    for pid in os.listdir("/proc")
+                    if pid.isdigit()
+                    and b"functions/gpu-fault" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                )
+                os.kill(victim, signal.SIGKILL)
+            else:
+                print(f"faults: the fault call answered {call('victim', b'fault')}", flush=True)
+            while call("victim", b"") != 200 and time.monotonic() - began < 120:
+                time.sleep(0.1)
+            recovered = time.monotonic() - began
+            time.sleep(3)
+            lost = {
+                name: sum(1 for at, status in calls if at >= began and status != 200)
+                for name, calls in record.items()
+            }
+            back = {
+                name: max(
+                    (at for at, status in calls if at >= began and status != 200), default=began
+                )
+                - began
+                for name, calls in record.items()
+            }
+            outcome[drill] = {"victim_back_s": recovered, "lost": lost, "last_failure_s": back}
+            print(f"faults: {drill}: {outcome[drill]}", flush=True)
+        stop.set()
+        for caller in callers:
+            caller.join()
+        outcome["calls"] = {name: len(calls) for name, calls in record.items()}
+    return {"mode": "faults", **outcome}
+
+
 # --- modes, table, results -----------------------------------------------------------------
 
 
@@ -524,6 +607,7 @@ MODES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "partitions": partitions,
     "quotas": quotas,
     "memory-cap": memory_cap,
+    "faults": faults,
 }
 
 
