@@ -9,9 +9,15 @@ and warm, so all of them measure the same interval.
 - time-sliced: --processes processes, no MPS: the GPU time-slices their contexts.
 - bare-mps: the same processes as clients of an MPS server that this script starts, each at
   --sm-percent of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE).
+- bare-handler: as bare-mps, each process doing the resnet50 handler's whole work on a JPEG.
+- bare-runtime: the resnet50 function in fast-gshare's runtime, MPS clients, called over HTTP.
+- full-path: the same functions deployed on fast-gshare and called through it (provider
+  proxy, gate, replica under MPS), --clients closed-loop clients a function.
+- partitions, quotas, memory-cap, faults: SM shares, time quotas, the memory cap and fault
+  drills through fast-gshare (see each function).
 
-    python benchmarks/sharing.py [--modes single time-sliced bare-mps] [--processes 7]
-                                 [--sm-percent 14] [--seconds 20]
+    python benchmarks/sharing.py [--modes MODE ...] [--processes 7] [--sm-percent 14]
+                                 [--seconds 20] [--clients 2]
 
 Prints progress and a table; merges each mode's figures into benchmarks/results/sharing.json.
 The bare modes need torch and torchvision (and nvidia-cuda-mps-control for the MPS modes) and,
@@ -339,6 +345,18 @@ def drive(
     """Closed-loop clients, `clients` per function, for `seconds` after a ramp: latencies.
     `handler_times` collects each answer's X-Duration-Seconds (the time the replica's
     handler took), to tell the function's own time from the path's."""
+    targets = {name: f"{base}/function/{name}" for name in names}
+    return drive_urls(targets, seconds, clients, handler_times)
+
+
+def drive_urls(
+    targets: dict[str, str],
+    seconds: float,
+    clients: int = CLIENTS_PER_FUNCTION,
+    handler_times: list[float] | None = None,
+) -> dict[str, list[float]]:
+    """As `drive`, against each name's URL."""
+    names = list(targets)
     import asyncio
 
     import aiohttp
@@ -356,7 +374,7 @@ def drive(
 
             async def client(name: str) -> None:
                 while (began := loop.time()) < end:
-                    async with session.post(f"{base}/function/{name}", data=body) as answer:
+                    async with session.post(targets[name], data=body) as answer:
                         await answer.read()
                     if answer.status != 200:
                         errors[name] += 1
@@ -397,24 +415,53 @@ def full_path(args: argparse.Namespace) -> dict[str, Any]:
     handler_times: list[float] = []
     with provider({name: _shared(args.sm_percent) for name in names}) as base:
         latencies = drive(base, names, args.seconds, args.clients, handler_times)
-    per_function = [_summary(latencies[name], args.seconds) for name in names]
-    every = sorted(t for name in names for t in latencies[name])
-    print(
-        f"full-path: {args.clients} client(s) a function; mean request "
-        f"{1000 * sum(every) / len(every):.2f} ms, of which the handler "
-        f"{1000 * sum(handler_times) / len(handler_times):.2f} ms",
-        flush=True,
-    )
+    return _served("full-path", args, latencies, handler_times)
+
+
+def bare_runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """--processes resnet50 replicas run by fast-gshare's function runtime as MPS clients at
+    --sm-percent, called straight over HTTP: the function without the provider and the gates."""
+    print(f"bare-runtime: starting {args.processes} runtimes", flush=True)
+    handler_times: list[float] = []
+    with contextlib.ExitStack() as stack:
+        mps = stack.enter_context(mps_daemon())
+        env = {**os.environ, **mps, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(args.sm_percent)}
+        command = [sys.executable, "-m", "faas_provider.runtime", "--port", "0"]
+        command += ["--handler", str(FUNCTIONS_DIR / "resnet50")]
+        targets = {}
+        for index in range(args.processes):
+            runtime = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+            stack.callback(runtime.wait)
+            stack.callback(runtime.terminate)
+            assert runtime.stdout is not None
+            port = runtime.stdout.readline().rsplit(":", 1)[1].strip()  # Listening on port: N
+            targets[f"runtime-{index}"] = f"http://127.0.0.1:{port}/"
+        latencies = drive_urls(targets, args.seconds, args.clients, handler_times)
+    return _served("bare-runtime", args, latencies, handler_times)
+
+
+def _served(
+    mode: str, args: argparse.Namespace, latencies: dict[str, list[float]], handler: list[float]
+) -> dict[str, Any]:
+    """A mode's figures from its requests' latencies and handler times."""
     import torch
 
+    every = [t for times in latencies.values() for t in times]
+    request_ms, handler_ms = 1000 * sum(every) / len(every), 1000 * sum(handler) / len(handler)
+    print(
+        f"{mode}: {args.clients} client(s) a function; mean request {request_ms:.2f} ms, "
+        f"of which the handler {handler_ms:.2f} ms",
+        flush=True,
+    )
+    per_function = [_summary(times, args.seconds) for times in latencies.values()]
     return {
-        "mode": "full-path",
-        "processes": len(names),
+        "mode": mode,
+        "processes": len(per_function),
         "sm_percent": args.sm_percent,
         "seconds": args.seconds,
         "clients_per_function": args.clients,
-        "handler_mean_ms": 1000 * sum(handler_times) / len(handler_times),
-        "request_mean_ms": 1000 * sum(every) / len(every),
+        "handler_mean_ms": handler_ms,
+        "request_mean_ms": request_ms,
         "aggregate_img_s": sum(row["img_s"] for row in per_function),
         "per_process": per_function,
         "device": torch.cuda.get_device_name(),
@@ -603,6 +650,7 @@ MODES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "time-sliced": time_sliced,
     "bare-mps": bare_mps,
     "bare-handler": bare_handler,
+    "bare-runtime": bare_runtime,
     "full-path": full_path,
     "partitions": partitions,
     "quotas": quotas,
