@@ -237,3 +237,17 @@ async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_reque
     assert lost == 0 and answered > 10, "a plain function must not lose a request"
     logs = await (await client.get("/system/logs?name=steer")).text()
     assert "restarting" in logs
+
+
+async def test_a_gpu_whose_mps_daemon_will_not_start_still_serves_by_time(
+    aiohttp_client: Any, settings: Settings, functions_root: Path
+) -> None:
+    device = GpuDevice(index=0, uuid="GPU-fake-0", name="fake", memory_bytes=16 * 1024**3)
+    pool = GpuPool([device], mps_binary="false")  # exits 1: the daemon never starts
+    backend = LocalBackend(settings.state_dir, functions_root, gpus=pool)
+    client = await aiohttp_client(create_app(backend, settings))
+    assert pool.daemon(0) is None
+    on_gpu = {**STEER, "annotations": {"fastgshare/gpu_sm_partition": "50"}}
+    assert await faas_cli_deploy(client, on_gpu) == 202
+    await wait_available(client, "steer")
+    assert (await client.post("/function/steer", data=b"")).status == 200

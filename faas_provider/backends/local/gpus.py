@@ -23,7 +23,7 @@ from pathlib import Path
 from faas_provider.backends.base import InvalidRequest
 from faas_provider.gate.service import TokenService
 from faas_provider.gpu.discovery import GpuDevice
-from faas_provider.gpu.mps import CONTROL_BINARY, MpsDaemon
+from faas_provider.gpu.mps import CONTROL_BINARY, MpsDaemon, MpsError
 from faas_provider.gpu.placement import GpuLoad, choose_gpu, fits_when_empty, why_pending
 from faas_provider.gpu.share import GPU_MEMORY, GpuShare
 
@@ -73,7 +73,11 @@ class GpuPool:
             return
         for device in real:
             daemon = MpsDaemon(device.index, device.uuid, self._run_dir / "mps", self._mps_binary)
-            await daemon.start()
+            try:
+                await daemon.start()
+            except MpsError as error:
+                log.error("%s; GPU %d shares time only, not SMs", error, device.index)
+                continue
             self._mps[device.index] = daemon
             self._watchers.append(asyncio.create_task(daemon.watch(self._fault_on(device))))
 
