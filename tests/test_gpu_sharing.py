@@ -251,3 +251,17 @@ async def test_a_gpu_whose_mps_daemon_will_not_start_still_serves_by_time(
     assert await faas_cli_deploy(client, on_gpu) == 202
     await wait_available(client, "steer")
     assert (await client.post("/function/steer", data=b"")).status == 200
+
+
+async def test_an_update_that_drops_the_gpu_gives_its_room_back(gpu_client: TestClient) -> None:
+    assert await faas_cli_deploy(gpu_client, shared("mover", sm_partition="80")) == 202
+    await wait_available(gpu_client, "mover")
+    assert await faas_cli_deploy(gpu_client, shared("waiter", sm_partition="80")) == 202
+    await asyncio.sleep(0.3)
+    assert (await (await gpu_client.get("/system/function/waiter")).json())[
+        "availableReplicas"
+    ] == 0
+    plain = {"service": "mover", "image": "example/sleepy:1"}  # no annotations: no GPU now
+    assert await faas_cli_deploy(gpu_client, plain) == 202
+    await wait_available(gpu_client, "waiter")
+    await wait_available(gpu_client, "mover")

@@ -380,8 +380,8 @@ class LocalBackend:
     async def _stop_replica(self, function: LocalFunction, replica: Replica) -> None:
         """Stop a replica for good, free its GPU room and start what was waiting for it."""
         await replica.stop()
-        if function.share is not None:
-            self._gpus.release(_placement_key(function.deployment, replica.instance))
+        # by key, not by the function's current share: an update may have dropped the GPU
+        if self._gpus.release(_placement_key(function.deployment, replica.instance)):
             self._place_pending()
 
     async def _recycle_gpu(self, device: GpuDevice) -> None:

@@ -137,8 +137,10 @@ class GpuPool:
         log.info("replica %s placed on GPU %d (%s)", key, device.index, device.uuid)
         return Placement(device, env, gate_argv)
 
-    def release(self, key: str) -> None:
-        """Free replica `key`'s room."""
+    def release(self, key: str) -> bool:
+        """Free replica `key`'s room; whether it had any."""
         load = self._where.pop(key, None)
-        if load is not None:
-            load.shares.pop(key, None)
+        if load is None:
+            return False
+        load.shares.pop(key, None)
+        return True
