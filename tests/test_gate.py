@@ -1,0 +1,88 @@
+"""The gate and the token service over their real Unix socket: loss and return of the service,
+a dead gate's share given back, the gate's HTTP front."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from faas_provider.gate.__main__ import create_gate_app
+from faas_provider.gate.gate import QuotaGate, Registration, SchedulerUnavailable
+from faas_provider.gate.service import TokenService
+
+
+def _gate(socket: Path, client: str, sm: int = 100) -> QuotaGate:
+    return QuotaGate(socket, Registration("GPU-test", client, sm, 1.0, 1.0), linger_s=0.001)
+
+
+async def test_a_dead_gate_gives_its_share_back(tmp_path: Path) -> None:
+    socket = tmp_path / "tokens.sock"
+    service = TokenService(window_s=0.1)
+    await service.start(socket)
+    holder, waiter = _gate(socket, "holder"), _gate(socket, "waiter")
+    await holder.connect()
+    await waiter.connect()
+    try:
+        await holder.__aenter__()  # a request of the holder is running: it has the token
+        entered = asyncio.Event()
+
+        async def wait_for_token() -> None:
+            async with waiter:
+                entered.set()
+
+        task = asyncio.create_task(wait_for_token())
+        await asyncio.sleep(0.03)
+        assert not entered.is_set(), "100% + 100% of the SMs: the waiter must wait"
+        await holder.close()  # the holder's process dies with its request unfinished
+        await asyncio.wait_for(entered.wait(), 1.0)
+        await task
+    finally:
+        await waiter.close()
+        await service.close()
+
+
+async def test_the_gate_answers_503_without_its_token_service_and_recovers(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    async def replica(request: web.Request) -> web.Response:
+        return web.Response(text="done")
+
+    upstream_app = web.Application()
+    upstream_app.router.add_route("*", "/{tail:.*}", replica)
+    upstream = await aiohttp_client(upstream_app)
+    socket = tmp_path / "tokens.sock"
+    service = TokenService()
+    await service.start(socket)
+    gate = _gate(socket, "replica-0")
+    await gate.connect()
+    base = f"http://{upstream.host}:{upstream.port}"
+    client = await aiohttp_client(create_gate_app(base, gate, upstream_timeout_s=10))
+
+    assert await (await client.post("/work", data=b"x")).text() == "done"
+    assert (await client.get("/_/health")).status == 200, "health is the replica's"
+    await service.close()
+    await asyncio.sleep(0.05)  # past the idle linger: the next request must ask again
+    refused = await client.post("/work", data=b"x")
+    assert refused.status == 503
+    assert refused.headers["X-OpenFaaS-Internal"] == "proxy"
+    assert "token service" in await refused.text()
+
+    service = TokenService()
+    await service.start(socket)
+    try:
+        assert await (await client.post("/work", data=b"x")).text() == "done"
+    finally:
+        await service.close()
+
+
+async def test_connecting_to_no_service_is_a_clear_error(tmp_path: Path) -> None:
+    gate = _gate(tmp_path / "absent.sock", "lonely")
+    try:
+        await gate.connect()
+    except SchedulerUnavailable as error:
+        assert "absent.sock" in str(error)
+    else:
+        raise AssertionError("connect() must fail without a token service")
