@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from faas_provider.api.worker import WorkerPool, serve_worker
 from faas_provider.backends.base import Backend, NotFound, ProviderError
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.backends.local.gpus import GpuPool
+from faas_provider.backends.local.state import StateDirInUse
 from faas_provider.gpu.discovery import discover_gpus
 from faas_provider.models import FunctionDeployment
 from faas_provider.settings import Settings, default_state_dir
@@ -123,11 +125,24 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
     backend = LocalBackend(
         settings.state_dir, settings.functions_dir, settings.startup_wait_s, gpus=gpus
     )
-    runner = web.AppRunner(create_app(backend, settings), access_log=None)
-    await runner.setup()
     several = settings.workers > 1
-    await web.TCPSite(runner, settings.host, settings.port, reuse_port=several).start()
     base = f"http://{settings.host}:{settings.port}"
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:  # the port first: a provider that cannot listen starts nothing
+        listener = socket.create_server(
+            (settings.host, settings.port), family=family, reuse_port=several
+        )
+    except OSError as error:
+        raise SystemExit(
+            f"fast-gshare: cannot listen on {base}: {error.strerror}; choose another --port"
+        ) from None
+    runner = web.AppRunner(create_app(backend, settings), access_log=None)
+    try:
+        await runner.setup()
+    except StateDirInUse as error:
+        listener.close()
+        raise SystemExit(f"fast-gshare: {error}") from None
+    await web.SockSite(runner, listener).start()
     log.info("provider listening on %s (local backend, state in %s)", base, settings.state_dir)
     workers: WorkerPool | None = None
     if several:

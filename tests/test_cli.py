@@ -124,3 +124,28 @@ def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) ->
                 break
             time.sleep(0.2)
         assert alive and alive != workers
+
+
+def test_up_on_a_busy_port_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command = [sys.executable, "-m", "faas_provider.cli", "up", "--stack", "stack.yml"]
+        command += ["--port", str(port), "--state-dir", str(tmp_path)]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"cannot listen on http://127.0.0.1:{port}" in done.stderr
+    assert "--port" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "started" not in done.stderr, "no replica may start when the port is taken"
+
+
+def test_a_second_provider_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    with provider(tmp_path):
+        command = [sys.executable, "-m", "faas_provider.cli", "up", "--stack", "stack.yml"]
+        command += ["--port", str(_free_port()), "--state-dir", str(tmp_path)]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "is in use by another fast-gshare provider" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from faas_provider.api.app import create_app
 from faas_provider.backends.local import state
 from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.backends.local.state import StateDirInUse
 from faas_provider.settings import Settings
 from tests.conftest import ECHO, faas_cli_deploy, wait_available
 
@@ -65,7 +67,21 @@ async def test_a_save_that_fails_midway_leaves_the_previous_file_whole(
         assert (settings.state_dir / "functions.json").read_text() == before
         assert sorted(p.name for p in settings.state_dir.iterdir() if p.is_file()) == [
             "functions.json",
+            "lock",
             "secrets.json",
         ], "no temporary file may be left behind"
     finally:
         await backend.close()
+
+
+async def test_two_providers_cannot_share_a_state_directory(settings: Settings) -> None:
+    first = LocalBackend(settings.state_dir, settings.functions_dir)
+    await first.start()
+    second = LocalBackend(settings.state_dir, settings.functions_dir)
+    try:
+        with pytest.raises(StateDirInUse, match=f"pid {os.getpid()}"):
+            await second.start()
+    finally:
+        await first.close()
+    await second.start()  # free again once the first has stopped
+    await second.close()

@@ -110,7 +110,8 @@ class LocalBackend:
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Start every stored function at its stored replica count."""
+        """Claim the state directory and start every stored function at its replica count."""
+        self._store.claim()
         self._http = aiohttp.ClientSession()
         await self._gpus.start()
         for key, stored in self._state.functions.items():
@@ -132,6 +133,7 @@ class LocalBackend:
         await self._gpus.close()
         if self._http is not None:
             await self._http.close()
+        self._store.release()
 
     # functions
 

@@ -54,8 +54,7 @@ class GpuPool:
         self._loads = [GpuLoad(device) for device in devices]
         self._where: dict[str, GpuLoad] = {}
         self._tokens = TokenService(window_s)
-        self._run_dir = Path(tempfile.mkdtemp(prefix="fast-gshare-"))
-        self.token_socket = self._run_dir / "tokens.sock"
+        self._run_dir: Path | None = None  # made by start(): sockets and MPS directories
         self._mps_binary = mps_binary
         self._mps: dict[int, MpsDaemon] = {}
         self._watchers: list[asyncio.Task[None]] = []
@@ -63,6 +62,7 @@ class GpuPool:
 
     async def start(self) -> None:
         """Start the token service and, on real GPUs, one MPS daemon per GPU."""
+        run_dir = self._run_dir = Path(tempfile.mkdtemp(prefix="fast-gshare-"))
         await self._tokens.start(self.token_socket)
         real = [device for device in self.devices if not device.virtual]
         if real and shutil.which(self._mps_binary) is None:
@@ -72,7 +72,7 @@ class GpuPool:
             )
             return
         for device in real:
-            daemon = MpsDaemon(device.index, device.uuid, self._run_dir / "mps", self._mps_binary)
+            daemon = MpsDaemon(device.index, device.uuid, run_dir / "mps", self._mps_binary)
             try:
                 await daemon.start()
             except MpsError as error:
@@ -88,7 +88,14 @@ class GpuPool:
         await asyncio.gather(*self._watchers, return_exceptions=True)
         await asyncio.gather(*(daemon.stop() for daemon in self._mps.values()))
         await self._tokens.close()
-        shutil.rmtree(self._run_dir, ignore_errors=True)
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    @property
+    def token_socket(self) -> Path:
+        """Where the token service listens."""
+        assert self._run_dir is not None, "GpuPool used before start()"
+        return self._run_dir / "tokens.sock"
 
     def daemon(self, index: int) -> MpsDaemon | None:
         """The MPS daemon of GPU `index`, if it has one."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import os
 import tempfile
@@ -48,6 +49,10 @@ class ProviderState:
     secrets: dict[tuple[str, str], bytes] = field(default_factory=dict)
 
 
+class StateDirInUse(Exception):
+    """Another provider process holds the state directory."""
+
+
 class StateStore:
     """Reads and writes a `ProviderState` in a directory."""
 
@@ -56,6 +61,30 @@ class StateStore:
         self._functions_file = directory / "functions.json"
         self._secrets_file = directory / "secrets.json"
         self._lock = asyncio.Lock()
+        self._owner: int | None = None  # descriptor of the held lock file
+
+    def claim(self) -> None:
+        """Hold the directory for this process; StateDirInUse when another provider does."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        descriptor = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "?"
+            os.close(descriptor)
+            raise StateDirInUse(
+                f"state directory {self.directory} is in use by another fast-gshare provider "
+                f"(pid {holder}); stop it, or give this one another --state-dir"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+        self._owner = descriptor
+
+    def release(self) -> None:
+        """Let the directory go (another provider may claim it)."""
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
 
     def load(self) -> ProviderState:
         """The stored state, or an empty one when the directory is new."""
