@@ -174,6 +174,11 @@ async def test_a_guaranteed_request_holds_against_greedy_neighbours(
     assert shares["kept"] / sum(shares.values()) >= 0.45, shares
 
 
+def _environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
 def _gate_pid(client: str) -> int:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -210,15 +215,20 @@ async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_reque
     pool = GpuPool([device], mps_binary=fake)
     backend = LocalBackend(settings.state_dir, functions_root, gpus=pool)
     client = await aiohttp_client(create_app(backend, settings))
-    on_gpu = {**STEER, "annotations": {"fastgshare/gpu_sm_partition": "50"}}
-    assert await faas_cli_deploy(client, on_gpu) == 202
+    annotations = {"fastgshare/gpu_sm_partition": "50", "fastgshare/gpu_mem": "1.5Gi"}
+    assert await faas_cli_deploy(client, {**STEER, "annotations": annotations}) == 202
     assert await faas_cli_deploy(client, ECHO) == 202
     await wait_available(client, "steer")
     await wait_available(client, "echo")
     before = (await (await client.post("/function/steer", data=b"")).json())["pid"]
-
     daemon = pool.daemon(0)
     assert daemon is not None
+    environment = _environment(before)
+    assert environment["CUDA_VISIBLE_DEVICES"] == "GPU-fake-0"
+    assert environment["CUDA_MPS_PIPE_DIRECTORY"] == str(daemon.pipe_dir)
+    assert environment["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert environment["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=1536M"
+
     await daemon.command("start_server -uid 0")
     await daemon.command("fake_fault")
     loop = asyncio.get_running_loop()
