@@ -5,13 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from faas_provider.api.keys import BACKEND
-from faas_provider.api.params import namespace_param, read_model
+from faas_provider.api.params import dns_label, namespace_param, read_model
 from faas_provider.backends.base import NotFound
 from faas_provider.models import (
     DeleteFunctionRequest,
     FunctionDeployment,
     ScaleServiceRequest,
-    check_dns_label,
 )
 
 
@@ -56,11 +55,7 @@ async def status(request: web.Request) -> web.Response:
 async def scale(request: web.Request) -> web.Response:
     """POST /system/scale-function/{name}: name from the URL or serviceName."""
     body = await read_model(request, ScaleServiceRequest)
-    name = request.match_info.get("name") or body.service_name or ""
-    try:
-        check_dns_label(name, "function name")
-    except ValueError as error:
-        raise web.HTTPBadRequest(text=str(error)) from error
+    name = dns_label(request.match_info.get("name") or body.service_name or "", "function name")
     namespace = namespace_param(request, body.namespace)
     await request.app[BACKEND].scale(name, namespace, body.replicas)
     return web.Response(status=202)

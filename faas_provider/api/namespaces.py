@@ -5,16 +5,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from faas_provider.api.keys import BACKEND
-from faas_provider.api.params import read_model
-from faas_provider.models import NamespaceRequest, check_dns_label
+from faas_provider.api.params import dns_label, read_model
+from faas_provider.models import NamespaceRequest
 
 
 def _name(request: web.Request, body: NamespaceRequest | None = None) -> str:
-    name = request.match_info.get("name") or (body.name if body else None) or ""
-    try:
-        return check_dns_label(name, "namespace")
-    except ValueError as error:
-        raise web.HTTPBadRequest(text=str(error)) from error
+    return dns_label(
+        request.match_info.get("name") or (body.name if body else None) or "", "namespace"
+    )
 
 
 async def list_namespaces(request: web.Request) -> web.Response:

@@ -26,8 +26,14 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 def namespace_param(request: web.Request, body_value: str | None = None) -> str:
     """The namespace from the query, else from the body, else the default; a DNS label."""
-    namespace = namespace_or_default(request.query.get("namespace") or body_value)
+    return dns_label(
+        namespace_or_default(request.query.get("namespace") or body_value), "namespace"
+    )
+
+
+def dns_label(value: str, what: str) -> str:
+    """`value` if it is a DNS-1123 label, else 400 naming `what`."""
     try:
-        return check_dns_label(namespace, "namespace")
+        return check_dns_label(value, what)
     except ValueError as error:
         raise web.HTTPBadRequest(text=str(error)) from error
