@@ -21,7 +21,7 @@ from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.backends.local.state import StateDirInUse
 from faas_provider.gpu.discovery import discover_gpus
-from faas_provider.models import FunctionDeployment
+from faas_provider.models import DEFAULT_NAMESPACE, FunctionDeployment
 from faas_provider.settings import Settings, default_state_dir
 from faas_provider.stack import StackError, load_stack
 
@@ -176,7 +176,7 @@ async def _deploy_stack(backend: Backend, stack: list[FunctionDeployment], base:
         except ProviderError as error:
             log.error("function %s not deployed: %s", deployment.service, error)
     print(f"fast-gshare provider: {base}  (point the gateway's functions_provider_url here)")
-    for function in await backend.list_functions("openfaas-fn"):
+    for function in await backend.list_functions(DEFAULT_NAMESPACE):
         url = f"{base}/function/{function.name}"
         print(f"  {function.name:<20} {url:<50} replicas {function.replicas}", flush=True)
 

@@ -43,6 +43,7 @@ from faas_provider.models import (
     FunctionUsage,
     LogMessage,
     Secret,
+    namespace_or_default,
     utcnow,
 )
 
@@ -154,10 +155,10 @@ class LocalBackend:
                 f"function {deployment.service} exists in namespace {deployment.namespace}; "
                 "update it with PUT /system/functions"
             )
-        self._validate(deployment)
+        share = self._validate(deployment)
         replicas = _min_replicas(deployment)
         stored = StoredFunction(deployment=deployment, replicas=replicas, created_at=utcnow())
-        function = LocalFunction(stored=stored, share=gpu_share(deployment))
+        function = LocalFunction(stored=stored, share=share)
         self._functions[key] = function
         self._state.functions[key] = stored
         await self._store.save(self._state)
@@ -169,10 +170,10 @@ class LocalBackend:
 
     async def update(self, deployment: FunctionDeployment) -> None:
         function = self._function(deployment.service, deployment.namespace)
-        self._validate(deployment)
+        share = self._validate(deployment)
         restart = _runtime_spec(deployment) != _runtime_spec(function.deployment)
         function.stored.deployment = deployment
-        function.share = gpu_share(deployment)
+        function.share = share
         await self._store.save(self._state)
         self._write_secrets(deployment)
         if restart:
@@ -295,8 +296,8 @@ class LocalBackend:
             raise NotFound(f"namespace {name} not found")
         return namespace
 
-    def _validate(self, deployment: FunctionDeployment) -> None:
-        """Refuse, before anything changes, a deployment that could not run."""
+    def _validate(self, deployment: FunctionDeployment) -> GpuShare | None:
+        """Refuse, before anything changes, a deployment that could not run; its GPU share."""
         namespace = deployment.namespace
         if namespace not in self._state.namespaces:
             raise InvalidRequest(
@@ -314,6 +315,7 @@ class LocalBackend:
         if share is not None:
             self._gpus.check(share)
         launch_spec(deployment, self._functions_root, Path(), Path())
+        return share
 
     def _status(self, function: LocalFunction) -> FunctionStatus:
         deployment = function.deployment
@@ -346,7 +348,8 @@ class LocalBackend:
         if function.share is not None:
             placement = self._gpus.place(_placement_key(deployment, instance), function.share)
             if isinstance(placement, str):
-                log.info("a replica of %s.%s is pending: %s", *_where(deployment), placement)
+                where = f"{deployment.service}.{deployment.namespace}"
+                log.info("a replica of %s is pending: %s", where, placement)
                 return None
             env = {**spec.env, **placement.env}
             spec = LaunchSpec(spec.argv, env, spec.cwd, placement.gate_argv)
@@ -451,7 +454,7 @@ class LocalBackend:
         return self._state_dir / "mounts" / namespace / name
 
     def _secret_key(self, secret: Secret) -> tuple[str, str]:
-        namespace = secret.namespace or "openfaas-fn"
+        namespace = namespace_or_default(secret.namespace)
         self._namespace(namespace)
         return namespace, secret.name
 
@@ -497,10 +500,6 @@ def _min_replicas(deployment: FunctionDeployment) -> int:
 
 def _placement_key(deployment: FunctionDeployment, instance: str) -> str:
     return f"{deployment.namespace}/{instance}"
-
-
-def _where(deployment: FunctionDeployment) -> tuple[str, str]:
-    return deployment.service, deployment.namespace
 
 
 def _runtime_spec(deployment: FunctionDeployment) -> str:
