@@ -27,6 +27,7 @@ from faas_provider.api.middleware import basic_auth
 from faas_provider.api.resolver import EndpointSource, Resolver
 from faas_provider.api.upstream import UpstreamError, UpstreamPool, parse_base_url
 from faas_provider.backends.base import NotFound, Unavailable
+from faas_provider.processes import watch_parent
 from faas_provider.settings import Settings, read_basic_auth
 
 log = logging.getLogger("fast_gshare.worker")
@@ -95,8 +96,9 @@ async def serve_worker(settings: Settings, control_socket: Path, parent_pid: int
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
     try:
-        while os.getppid() == parent_pid:  # noqa: ASYNC110 - no event tells of a parent's death
-            await asyncio.sleep(1.0)
+        await watch_parent(
+            parent_pid, lambda: log.warning("provider %d is gone; worker exiting", parent_pid)
+        )
     finally:
         await runner.cleanup()
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
@@ -26,6 +24,7 @@ from faas_provider.api import proxy
 from faas_provider.api.keys import SETTINGS, UPSTREAM
 from faas_provider.api.upstream import UpstreamError, UpstreamPool, parse_base_url
 from faas_provider.gate.gate import QuotaGate, Registration, SchedulerUnavailable
+from faas_provider.processes import watch_parent
 from faas_provider.settings import Settings
 
 GATE = web.AppKey("gate", QuotaGate)
@@ -85,14 +84,14 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if args.parent_pid:
+        watcher = asyncio.create_task(watch_parent(args.parent_pid, stop.set))
     try:
-        while not stop.is_set():
-            if args.parent_pid and os.getppid() != args.parent_pid:
-                logging.getLogger("fast_gshare.gate").warning("provider gone; exiting")
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+        await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await runner.cleanup()
 
 

@@ -17,18 +17,17 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from faas_provider.processes import watch_parent
 from faas_provider.runtime.watchdog import RUNTIME, RuntimeConfig, create_runtime_app
 
 log = logging.getLogger("fast_gshare.runtime")
 
 HOST = "127.0.0.1"
 SHUTDOWN_GRACE_S = 3.0  # below the local backend's 5 s between SIGTERM and SIGKILL
-PARENT_CHECK_INTERVAL_S = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,33 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--parent-pid", type=int, metavar="PID", help="exit as soon as this process is gone"
     )
     return parser.parse_args(argv)
-
-
-def parent_alive(pid: int, is_parent: bool) -> bool:
-    """Whether process `pid` still runs.
-
-    For our own parent the test is whether we still are its child: a parent killed with -9
-    may linger as an unreaped zombie, which `kill(pid, 0)` still finds.
-    """
-    if is_parent:
-        return os.getppid() == pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        pass
-    return True
-
-
-async def watch_parent(pid: int, on_gone: Callable[[], None]) -> None:
-    """Call `on_gone` once process `pid` is gone, checking every PARENT_CHECK_INTERVAL_S."""
-    is_parent = os.getppid() == pid
-    while True:
-        if not parent_alive(pid, is_parent):
-            on_gone()
-            return
-        await asyncio.sleep(PARENT_CHECK_INTERVAL_S)
 
 
 async def serve(config: RuntimeConfig) -> int:
