@@ -17,8 +17,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
-
+from faas_provider.api.upstream import UpstreamPool
 from faas_provider.backends.base import (
     Conflict,
     InvalidRequest,
@@ -29,7 +28,7 @@ from faas_provider.backends.base import (
 from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.backends.local.launch import LaunchSpec, launch_spec
 from faas_provider.backends.local.logs import LogStore
-from faas_provider.backends.local.replica import Replica
+from faas_provider.backends.local.replica import HEALTH_TIMEOUT_S, Replica
 from faas_provider.backends.local.state import (
     StateStore,
     StoredFunction,
@@ -107,13 +106,12 @@ class LocalBackend:
         self._logs = LogStore()
         self._functions: dict[tuple[str, str], LocalFunction] = {}
         self._state = self._store.load()
-        self._http: aiohttp.ClientSession | None = None
+        self._http = UpstreamPool(connect_timeout_s=HEALTH_TIMEOUT_S)  # replica health checks
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Claim the state directory and start every stored function at its replica count."""
         self._store.claim()
-        self._http = aiohttp.ClientSession()
         await self._gpus.start()
         for key, stored in self._state.functions.items():
             function = LocalFunction(stored=stored, share=gpu_share(stored.deployment))
@@ -132,8 +130,7 @@ class LocalBackend:
         self._functions.clear()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._gpus.close()
-        if self._http is not None:
-            await self._http.close()
+        await self._http.close()
         self._store.release()
 
     # functions
@@ -354,7 +351,6 @@ class LocalBackend:
             env = {**spec.env, **placement.env}
             spec = LaunchSpec(spec.argv, env, spec.cwd, placement.gate_argv)
         function.next_index += 1
-        assert self._http is not None, "backend used before start()"
         replica = Replica(
             instance,
             spec,

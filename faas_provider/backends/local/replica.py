@@ -16,8 +16,9 @@ import re
 import signal
 from collections.abc import Callable, Coroutine
 
-import aiohttp
+from multidict import CIMultiDict
 
+from faas_provider.api.upstream import UpstreamError, UpstreamPool
 from faas_provider.backends.local.launch import LaunchSpec
 
 log = logging.getLogger("fast_gshare.replica")
@@ -42,7 +43,7 @@ class Replica:
         self,
         instance: str,
         spec: LaunchSpec,
-        http: aiohttp.ClientSession,
+        http: UpstreamPool,
         on_line: LineSink,
         on_change: ChangeHook,
     ) -> None:
@@ -218,10 +219,15 @@ class Replica:
 
     async def _check_health(self) -> bool:
         try:
-            timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
-            async with self._http.get(f"{self.url}/_/health", timeout=timeout) as response:
+            async with (
+                asyncio.timeout(HEALTH_TIMEOUT_S),
+                self._http.request(
+                    ("127.0.0.1", self._port or 0), "GET", "/_/health", CIMultiDict(), None
+                ) as response,
+            ):
+                await response.read()
                 return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except (UpstreamError, TimeoutError):
             return False
 
     async def _terminate(self) -> None:
