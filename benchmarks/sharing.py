@@ -9,10 +9,14 @@ and warm, so all of them measure the same interval.
 - time-sliced: --processes processes, no MPS: the GPU time-slices their contexts.
 - bare-mps: the same processes as clients of an MPS server that this script starts, each at
   --sm-percent of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE).
+- bare-mps-batched: as bare-mps, each inference a batch of --clients images: the most that
+  the function's runtime can batch with --clients requests in flight.
 - bare-handler: as bare-mps, each process doing the resnet50 handler's whole work on a JPEG.
 - bare-runtime: the resnet50 function in fast-gshare's runtime, MPS clients, called over HTTP.
 - full-path: the same functions deployed on fast-gshare and called through it (provider
-  proxy, gate, replica under MPS), --clients closed-loop clients a function.
+  proxy, gate, replica under MPS), --clients closed-loop clients a function, each request one
+  image; the runtime batches the requests that wait together.
+- full-path-unbatched: as full-path with max_batch_size=1: one request a forward pass.
 - partitions, quotas, memory-cap, faults: SM shares, time quotas, the memory cap and fault
   drills through fast-gshare (see each function).
 
@@ -55,9 +59,10 @@ def _send(message: dict[str, Any]) -> None:
     print(json.dumps(message), flush=True)
 
 
-def worker(through_handler: bool = False) -> None:
+def worker(through_handler: bool = False, batch: int = 1) -> None:
     """One process of a mode: load and warm ResNet-50, report ready, wait at the barrier for
-    `{"start", "end"}` (time.monotonic, shared by all processes), then infer until `end`.
+    `{"start", "end"}` (time.monotonic, shared by all processes), then infer until `end`, on
+    `batch` images at a time.
 
     Reports on stdout, one JSON object a line: ready, progress about once a second (inferences
     started in the interval so far), and the latencies of those inferences at the end.
@@ -83,7 +88,7 @@ def worker(through_handler: bool = False) -> None:
 
         torch.manual_seed(0)
         model = resnet50().eval().to("cuda", torch.float16, memory_format=torch.channels_last)
-        image = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.float16)
+        image = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
         image = image.contiguous(memory_format=torch.channels_last)
 
         def infer() -> None:
@@ -144,8 +149,11 @@ class Fleet:
     """Measuring processes started together, whose stdout lines arrive on one queue as
     (index, message), then (index, None) at EOF. Leaving the block kills what still runs."""
 
-    def __init__(self, count: int, env: dict[str, str], through_handler: bool = False) -> None:
-        flags = ["--worker", "--through-handler"] if through_handler else ["--worker"]
+    def __init__(
+        self, count: int, env: dict[str, str], through_handler: bool = False, batch: int = 1
+    ) -> None:
+        flags = ["--worker", f"--batch={batch}"]
+        flags += ["--through-handler"] if through_handler else []
         self.inbox: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
         self.processes = [
             subprocess.Popen(
@@ -200,11 +208,11 @@ def _percentile_ms(ordered: list[float], fraction: float) -> float:
     return 1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
+def _summary(latencies: list[float], seconds: float, batch: int = 1) -> dict[str, float]:
     ordered = sorted(latencies)
     return {
         "inferences": len(ordered),
-        "img_s": len(ordered) / seconds,
+        "img_s": batch * len(ordered) / seconds,
         "p50_ms": _percentile_ms(ordered, 0.50),
         "p99_ms": _percentile_ms(ordered, 0.99),
         "max_ms": 1000 * ordered[-1],
@@ -217,10 +225,12 @@ def run_bare(
     sm_percent: int | None,
     seconds: float,
     through_handler: bool = False,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """`processes` bare ResNet-50 processes on the GPU for `seconds`: MPS clients at
     `sm_percent` of the SMs each when it is given, else time-sliced without MPS. With
-    `through_handler` each does the function's whole work (the resnet50 handler on a JPEG)."""
+    `through_handler` each does the function's whole work (the resnet50 handler on a JPEG);
+    else each inference is on `batch` images."""
     print(f"{mode}: starting {processes} processes", flush=True)
     with contextlib.ExitStack() as stack:
         if sm_percent is None:
@@ -231,7 +241,7 @@ def run_bare(
         else:
             mps = stack.enter_context(mps_daemon())
             env = {**os.environ, **mps, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(sm_percent)}
-        fleet = stack.enter_context(Fleet(processes, env, through_handler))
+        fleet = stack.enter_context(Fleet(processes, env, through_handler, batch))
         began = time.monotonic()
         ready: dict[int, dict[str, Any]] = {}
         while len(ready) < processes:
@@ -252,14 +262,15 @@ def run_bare(
             else:
                 latencies[index] = message["latencies"]
             if (now := time.monotonic()) >= report_at and now < end:
-                rate = sum(counts) / (now - start)
+                rate = batch * sum(counts) / (now - start)
                 print(f"{mode}: {now - start:4.1f}/{seconds:g} s, {rate:6.0f} img/s", flush=True)
                 report_at += PROGRESS_EVERY_S
-    per_process = [_summary(latencies[index], seconds) for index in range(processes)]
+    per_process = [_summary(latencies[index], seconds, batch) for index in range(processes)]
     first = ready[0]
     return {
         "mode": mode,
         "processes": processes,
+        "batch": batch,
         "sm_percent": sm_percent,
         "seconds": seconds,
         "aggregate_img_s": sum(row["img_s"] for row in per_process),
@@ -408,14 +419,22 @@ def _shared(
     return {"image": "fast-gshare/resnet50:0.1.0", "annotations": annotations, **extra}
 
 
-def full_path(args: argparse.Namespace) -> dict[str, Any]:
-    """--processes ResNet-50 functions at --sm-percent each, quota limit 1, through fast-gshare."""
+def full_path(args: argparse.Namespace, mode: str = "full-path") -> dict[str, Any]:
+    """--processes ResNet-50 functions at --sm-percent each, quota limit 1, through fast-gshare;
+    `full-path-unbatched` runs them with max_batch_size=1."""
     names = [f"resnet50-{index}" for index in range(args.processes)]
-    print(f"full-path: deploying {len(names)} functions at {args.sm_percent}% SMs", flush=True)
+    print(f"{mode}: deploying {len(names)} functions at {args.sm_percent}% SMs", flush=True)
+    environment = {"max_batch_size": "1"} if mode == "full-path-unbatched" else {}
     handler_times: list[float] = []
-    with provider({name: _shared(args.sm_percent) for name in names}) as base:
+    entry = _shared(args.sm_percent, environment=environment)
+    with provider(dict.fromkeys(names, entry)) as base:
         latencies = drive(base, names, args.seconds, args.clients, handler_times)
-    return _served("full-path", args, latencies, handler_times)
+    return _served(mode, args, latencies, handler_times)
+
+
+def full_path_unbatched(args: argparse.Namespace) -> dict[str, Any]:
+    """As full-path, one request a forward pass."""
+    return full_path(args, "full-path-unbatched")
 
 
 def bare_runtime(args: argparse.Namespace) -> dict[str, Any]:
@@ -645,13 +664,22 @@ def bare_mps(args: argparse.Namespace) -> dict[str, Any]:
     return run_bare("bare-mps", args.processes, args.sm_percent, args.seconds)
 
 
+def bare_mps_batched(args: argparse.Namespace) -> dict[str, Any]:
+    """As bare-mps, each inference on --clients images."""
+    return run_bare(
+        "bare-mps-batched", args.processes, args.sm_percent, args.seconds, batch=args.clients
+    )
+
+
 MODES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "single": single,
     "time-sliced": time_sliced,
     "bare-mps": bare_mps,
+    "bare-mps-batched": bare_mps_batched,
     "bare-handler": bare_handler,
     "bare-runtime": bare_runtime,
     "full-path": full_path,
+    "full-path-unbatched": full_path_unbatched,
     "partitions": partitions,
     "quotas": quotas,
     "memory-cap": memory_cap,
@@ -671,18 +699,22 @@ def print_table(results: list[dict[str, Any]]) -> None:
     first = results[0]
     print(f"on {first['device']}, torch {first['torch']}, {first['seconds']:g} s measured a mode")
     print(
-        f"{'mode':<12} {'procs':>5} {'SM %':>5} {'img/s':>7} {'vs single':>9} "
+        f"{'mode':<20} {'procs':>5} {'SM %':>5} {'img/s':>7} {'vs single':>9} {'vs bare-mps':>11} "
         f"{'p50 ms (min-max)':>17} {'p99 ms (min-max)':>17}"
     )
-    reference = next((r["aggregate_img_s"] for r in results if r["mode"] == "single"), None)
+    rates = {result["mode"]: result["aggregate_img_s"] for result in results}
+
+    def ratio(rate: float, reference: str) -> str:
+        return f"{rate / rates[reference]:.2f}x" if reference in rates else "-"
+
     for result in results:
         rows = result["per_process"]
         p50 = [row["p50_ms"] for row in rows]
         p99 = [row["p99_ms"] for row in rows]
-        ratio = f"{result['aggregate_img_s'] / reference:.2f}x" if reference else "-"
+        rate = result["aggregate_img_s"]
         print(
-            f"{result['mode']:<12} {result['processes']:>5} {result['sm_percent'] or '-':>5} "
-            f"{result['aggregate_img_s']:>7.0f} {ratio:>9} "
+            f"{result['mode']:<20} {result['processes']:>5} {result['sm_percent'] or '-':>5} "
+            f"{rate:>7.0f} {ratio(rate, 'single'):>9} {ratio(rate, 'bare-mps'):>11} "
             f"{f'{min(p50):.1f}-{max(p50):.1f}':>17} {f'{min(p99):.1f}-{max(p99):.1f}':>17}"
         )
 
@@ -709,9 +741,10 @@ def main() -> None:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--through-handler", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.through_handler)
+        worker(args.through_handler, args.batch)
         return
     results = []
     try:

@@ -158,3 +158,22 @@ def test_weights_of_another_model_stop_the_load(handler: ModuleType, tmp_path: P
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")
     with pytest.raises(RuntimeError, match=r"Error\(s\) in loading state_dict"):
         handler.load_model(str(tmp_path / "resnet18.pt"))
+
+
+def test_a_batch_answers_each_request_as_if_it_came_alone(handler: ModuleType) -> None:
+    first, second = jpeg(picture()), png(picture(3, 240, 320))
+    bodies = [first, b"hello", second, first]
+
+    answers = handler.handle_batch([SimpleNamespace(body=body) for body in bodies], None)
+
+    assert [answer["statusCode"] for answer in answers] == [200, 400, 200, 200]
+    assert "not a JPEG or PNG image" in answers[1]["body"]["error"]
+    assert answers[0] == answers[3]
+    for answer, body in zip(answers, bodies, strict=True):
+        if answer["statusCode"] == 200:
+            alone = call(handler, body)["body"]["top5"]
+            together = answer["body"]["top5"]
+            assert [entry["class"] for entry in together] == [entry["class"] for entry in alone]
+            for mine, theirs in zip(together, alone, strict=True):
+                assert mine["probability"] == pytest.approx(theirs["probability"], rel=0.02)
+    assert answers[0]["body"] != answers[2]["body"]

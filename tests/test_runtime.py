@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -73,6 +74,31 @@ def handle(event, context):
         },
         "headers": {"X-Custom": "yes"},
     }
+"""
+
+# Batches: answers each body with the batch it was in and every batch seen so far; a body
+# "sleep S" holds the batch S seconds (the measured stand-in for a GPU forward pass).
+BATCH_HANDLER = """
+import time
+
+batches = []
+
+
+def handle_batch(events, context):
+    bodies = [event.body.decode() for event in events]
+    batches.append(bodies)
+    if "boom" in bodies:
+        raise ValueError("bad batch")
+    if "short" in bodies:
+        return []
+    for body in bodies:
+        if body.startswith("sleep "):
+            time.sleep(float(body.split()[1]))
+    return [{"body": {"body": body, "batch": bodies, "seen": list(batches)}} for body in bodies]
+
+
+def handle(event, context):
+    raise AssertionError("handle_batch is defined: handle must not be called")
 """
 
 
@@ -228,6 +254,10 @@ def test_config_reads_the_watchdog_environment() -> None:
         RuntimeConfig.from_env({"fprocess": "cat", "exec_timeout": "soon"})
     with pytest.raises(ValueError, match="max_inflight"):
         RuntimeConfig.from_env({"fprocess": "cat", "max_inflight": "-1"})
+    assert RuntimeConfig.from_env({"fprocess": "cat"}).max_batch_size == 8
+    assert RuntimeConfig.from_env({"fprocess": "cat", "max_batch_size": "2"}).max_batch_size == 2
+    with pytest.raises(ValueError, match="max_batch_size"):
+        RuntimeConfig.from_env({"fprocess": "cat", "max_batch_size": "0"})
     with pytest.raises(ValueError, match="fprocess"):
         RuntimeConfig.from_env({})
 
@@ -437,11 +467,86 @@ async def test_handler_mode_maps_the_response_and_keeps_state(
         assert await asyncio.wait_for(replica.process.wait(), 3) == 0
 
 
+async def test_requests_that_arrive_while_a_batch_runs_form_the_next_batch(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    write(tmp_path / "handler.py", BATCH_HANDLER)
+    async with running("--handler", str(tmp_path), env={"max_batch_size": "4"}) as replica:
+        assert "Batching requests: up to 4 a call of handle_batch()" in replica.log
+
+        async def call(body: str) -> dict[str, Any]:
+            async with session.post(replica.url, data=body.encode()) as response:
+                assert response.status == 200, await response.text()
+                assert DURATION.fullmatch(response.headers["X-Duration-Seconds"])
+                return await response.json()
+
+        first = asyncio.create_task(call("sleep 0.5"))
+        await asyncio.sleep(0.2)  # the first batch is running
+        queued = await asyncio.gather(*(call(f"r{index}") for index in range(5)))
+        assert (await first)["batch"] == ["sleep 0.5"]
+        # Five arrived during the first call: the next takes four (max_batch_size), oldest
+        # first, and the one left over goes alone.
+        sizes = sorted(len(answer["batch"]) for answer in queued)
+        assert sizes == [1, 4, 4, 4, 4]
+        for answer in queued:
+            assert answer["body"] in answer["batch"]
+
+        alone = await call("alone")
+        assert alone["batch"] == ["alone"]  # one request at a time waits for no other
+        assert [len(batch) for batch in alone["seen"]] == [1, 4, 1, 1]
+
+
+async def test_a_failing_batch_answers_500_to_each_of_its_requests(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    write(tmp_path / "handler.py", BATCH_HANDLER)
+    async with running("--handler", str(tmp_path)) as replica:
+        first = asyncio.create_task(session.post(replica.url, data=b"sleep 0.4"))
+        await asyncio.sleep(0.2)
+        boom, neighbour = await asyncio.gather(
+            session.post(replica.url, data=b"boom"), session.post(replica.url, data=b"other")
+        )
+        for response in (boom, neighbour):
+            assert response.status == 500
+            assert await response.text() == "ValueError: bad batch\n"
+        assert (await first).status == 200
+
+        async with session.post(replica.url, data=b"short") as response:
+            assert response.status == 500
+            assert await response.text() == (
+                "TypeError: handle_batch() returned 0 results for 1 events; "
+                "return a list with one result per event\n"
+            )
+        async with session.post(replica.url, data=b"fine") as response:
+            assert response.status == 200
+            assert (await response.json())["batch"] == ["fine"]
+
+
+async def test_a_request_that_times_out_in_the_queue_is_never_run(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    write(tmp_path / "handler.py", BATCH_HANDLER)
+    async with running("--handler", str(tmp_path), env={"exec_timeout": "0.5s"}) as replica:
+        first = asyncio.create_task(session.post(replica.url, data=b"sleep 1"))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        async with session.post(replica.url, data=b"late") as response:
+            assert response.status == 504
+            assert await response.text() == "Timed out after 0.5s.\n"
+        assert time.monotonic() - started < 0.9
+        async with await first as response:
+            assert response.status == 504  # it ran past exec_timeout too
+        await asyncio.sleep(0.6)  # the first batch's thread is free again
+        async with session.post(replica.url, data=b"after") as response:
+            assert response.status == 200
+            assert (await response.json())["seen"] == [["sleep 1"], ["after"]]
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
         ("raise RuntimeError('weights missing')\n", "RuntimeError: weights missing"),
-        ("handle = 42\n", "defines no handle(event, context) function"),
+        ("handle = 42\n", "defines no handle(event, context) or handle_batch(events, context)"),
     ],
 )
 async def test_a_handler_that_cannot_load_exits_nonzero(

@@ -7,6 +7,10 @@ Two ways to run a function:
 - handler mode, as the python3-http template behind the of-watchdog: `DIR/handler.py` is
   imported once and `handle(event, context)` is called per request in a thread pool, so a model
   loaded at import stays loaded between requests.
+- batch handler mode: when `DIR/handler.py` also defines `handle_batch(events, context)`, one
+  thread calls it with every request that arrived while the previous call ran (up to
+  `max_batch_size`), and it returns one result per event. A batch-1 model on a GPU is bound by
+  kernel launches, so a batch of concurrent requests costs about what one does.
 
 `GET /_/health` answers 200 once the function is loaded; every other path and method invokes it.
 """
@@ -23,6 +27,7 @@ import re
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +45,7 @@ DEFAULT_EXEC_TIMEOUT_S = 30.0
 # Without max_inflight, handle() runs on as many threads as waitress (the python3-http
 # template's server) gives it by default, so handlers see the concurrency they were written for.
 DEFAULT_HANDLER_THREADS = 4
+DEFAULT_MAX_BATCH_SIZE = 8
 PLAIN_TEXT = "text/plain; charset=utf-8"
 FLASK_DEFAULT_CONTENT_TYPE = "text/html; charset=utf-8"
 
@@ -89,6 +95,7 @@ class RuntimeConfig(BaseModel):
     write_debug: bool = False
     combine_output: bool = True
     max_inflight: int = Field(default=0, ge=0)
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
     parent_pid: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
@@ -111,7 +118,8 @@ class RuntimeConfig(BaseModel):
         """The config from the command line's values and the watchdog variables in `environ`.
 
         `exec_timeout` of 0 (or negative) means no limit, as in the watchdogs. Raises ValueError
-        (a pydantic ValidationError for a bad `max_inflight`) for an unreadable value.
+        (a pydantic ValidationError for a bad `max_inflight` or `max_batch_size`) for an
+        unreadable value.
         """
         raw_timeout = environ.get("exec_timeout", "")
         try:
@@ -127,6 +135,7 @@ class RuntimeConfig(BaseModel):
             write_debug=environ.get("write_debug") == "true",
             combine_output=(environ.get("combine_output") or "true") == "true",
             max_inflight=environ.get("max_inflight") or 0,
+            max_batch_size=environ.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE,
             parent_pid=parent_pid,
         )
 
@@ -150,6 +159,7 @@ class Context:
 
 
 Handle = Callable[[Event, Context], Any]
+HandleBatch = Callable[[list[Event], Context], list[Any]]
 
 
 class InvocationError(Exception):
@@ -263,10 +273,19 @@ def _exit_reason(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
-def load_handler(handler_dir: Path) -> Handle:
-    """Import `handler_dir/handler.py` as module `handler` and return its `handle`.
+@dataclass(frozen=True)
+class HandlerModule:
+    """What a handler directory defines: `handle`, `handle_batch`, or both."""
+
+    handle: Handle | None
+    handle_batch: HandleBatch | None
+
+
+def load_handler(handler_dir: Path) -> HandlerModule:
+    """Import `handler_dir/handler.py` as module `handler`; its `handle` and `handle_batch`.
 
     The directory goes first on sys.path, so the handler's sibling modules import too.
+    TypeError when it defines neither function.
     """
     directory = handler_dir.resolve()
     path = directory / "handler.py"
@@ -276,61 +295,159 @@ def load_handler(handler_dir: Path) -> Handle:
     module = importlib.util.module_from_spec(spec)
     sys.modules["handler"] = module
     spec.loader.exec_module(module)
-    handle = getattr(module, "handle", None)
-    if not callable(handle):
-        raise TypeError(f"{path} defines no handle(event, context) function")
-    return handle
+    handle, handle_batch = getattr(module, "handle", None), getattr(module, "handle_batch", None)
+    if not callable(handle) and not callable(handle_batch):
+        raise TypeError(
+            f"{path} defines no handle(event, context) or handle_batch(events, context) function"
+        )
+    return HandlerModule(
+        handle if callable(handle) else None, handle_batch if callable(handle_batch) else None
+    )
+
+
+async def load_handler_invoker(handler_dir: Path, config: RuntimeConfig) -> Invoker:
+    """Import the handler on a thread (the server answers health checks meanwhile) and the
+    invoker for it: batches when it defines `handle_batch`, else a thread pool of
+    `max_inflight` threads (DEFAULT_HANDLER_THREADS without a limit) calling `handle`."""
+    loader = ThreadPoolExecutor(1, thread_name_prefix="handle")
+    module = await asyncio.get_running_loop().run_in_executor(loader, load_handler, handler_dir)
+    context = Context(hostname=os.environ.get("HOSTNAME", "localhost"))
+    if module.handle_batch is not None:
+        log.info("Batching requests: up to %d a call of handle_batch()", config.max_batch_size)
+        return BatchInvoker(module.handle_batch, loader, context, config)
+    assert module.handle is not None
+    loader.shutdown()
+    pool = ThreadPoolExecutor(
+        config.max_inflight or DEFAULT_HANDLER_THREADS, thread_name_prefix="handle"
+    )
+    return HandlerInvoker(module.handle, pool, context, config)
+
+
+async def read_event(request: web.Request) -> Event:
+    """The request as the python3-http template's event."""
+    return Event(
+        body=await request.read(),
+        headers=request.headers,
+        method=request.method,
+        query=request.query,
+        path=request.path,
+    )
+
+
+async def await_result(call: asyncio.Future[Any], exec_timeout_s: float | None) -> web.Response:
+    """The response for what `call` gives; 504 when it runs past `exec_timeout_s`, 500 when
+    it raised or gave what cannot be sent."""
+    done, _ = await asyncio.wait({call}, timeout=exec_timeout_s)
+    if not done:
+        call.cancel()
+        log.warning(
+            "The handler is still running after exec_timeout; a thread cannot be stopped, so "
+            "it stays busy until the handler returns"
+        )
+        raise InvocationError(504, f"Timed out after {exec_timeout_s:g}s.")
+    try:
+        return build_response(call.result())
+    except Exception as error:
+        raise InvocationError(500, f"{type(error).__name__}: {error}") from error
 
 
 class HandlerInvoker:
     """handler mode: `handle(event, context)` called in a thread pool, module loaded once."""
 
-    def __init__(self, handle: Handle, pool: ThreadPoolExecutor, config: RuntimeConfig) -> None:
+    def __init__(
+        self, handle: Handle, pool: ThreadPoolExecutor, context: Context, config: RuntimeConfig
+    ) -> None:
         self._handle = handle
         self._pool = pool
         self._timeout = config.exec_timeout_s
-        self._context = Context(hostname=os.environ.get("HOSTNAME", "localhost"))
-
-    @classmethod
-    async def load(cls, handler_dir: Path, config: RuntimeConfig) -> HandlerInvoker:
-        """Import the handler on a pool thread (the server answers health checks meanwhile).
-
-        The pool has `max_inflight` threads, or DEFAULT_HANDLER_THREADS without a limit.
-        """
-        pool = ThreadPoolExecutor(
-            config.max_inflight or DEFAULT_HANDLER_THREADS, thread_name_prefix="handle"
-        )
-        loop = asyncio.get_running_loop()
-        handle = await loop.run_in_executor(pool, load_handler, handler_dir)
-        return cls(handle, pool, config)
+        self._context = context
 
     async def invoke(self, request: web.Request) -> web.Response:
         """Call `handle` with the request; map its return value as the template does."""
-        event = Event(
-            body=await request.read(),
-            headers=request.headers,
-            method=request.method,
-            query=request.query,
-            path=request.path,
-        )
+        event = await read_event(request)
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._pool, self._handle, event, self._context)
-        done, _ = await asyncio.wait({call}, timeout=self._timeout)
-        if not done:
-            call.cancel()
-            log.warning(
-                "handle() is still running after exec_timeout; a thread cannot be stopped, so "
-                "it stays busy until handle() returns"
-            )
-            raise InvocationError(504, f"Timed out after {self._timeout:g}s.")
-        try:
-            return build_response(call.result())
-        except Exception as error:
-            raise InvocationError(500, f"{type(error).__name__}: {error}") from error
+        return await await_result(
+            loop.run_in_executor(self._pool, self._handle, event, self._context), self._timeout
+        )
 
     def close(self) -> None:
         """Drop queued calls; a running handle() cannot be stopped."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class BatchInvoker:
+    """batch handler mode: requests queue while `handle_batch` runs on its one thread; when it
+    returns, the next call takes up to `max_batch_size` of them, oldest first. A request
+    that times out while queued is dropped from the queue."""
+
+    def __init__(
+        self,
+        handle_batch: HandleBatch,
+        thread: ThreadPoolExecutor,
+        context: Context,
+        config: RuntimeConfig,
+    ) -> None:
+        self._handle_batch = handle_batch
+        self._thread = thread
+        self._context = context
+        self._timeout = config.exec_timeout_s
+        self._max_batch_size = config.max_batch_size
+        self._queue: deque[tuple[Event, asyncio.Future[Any]]] = deque()
+        self._running = False
+
+    async def invoke(self, request: web.Request) -> web.Response:
+        """Queue the request for the next batch; map its result as the template does."""
+        event = await read_event(request)
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((event, result))
+        if not self._running:
+            self._run_next_batch()
+        return await await_result(result, self._timeout)
+
+    def _run_next_batch(self) -> None:
+        batch: list[tuple[Event, asyncio.Future[Any]]] = []
+        while self._queue and len(batch) < self._max_batch_size:
+            event, result = self._queue.popleft()
+            if not result.done():  # a cancelled one timed out while it waited
+                batch.append((event, result))
+        self._running = bool(batch)
+        if batch:
+            events = [event for event, _ in batch]
+            call = asyncio.get_running_loop().run_in_executor(
+                self._thread, self._handle_batch, events, self._context
+            )
+            call.add_done_callback(lambda done: self._deliver(batch, done))
+
+    def _deliver(
+        self, batch: list[tuple[Event, asyncio.Future[Any]]], call: asyncio.Future[list[Any]]
+    ) -> None:
+        if call.cancelled():  # the runtime is closing
+            return
+        results: list[Any] = []
+        failure = call.exception()
+        if failure is None:
+            results = call.result()
+            if not isinstance(results, list) or len(results) != len(batch):
+                got = f"{len(results)} results" if isinstance(results, list) else repr(results)[:80]
+                failure = TypeError(
+                    f"handle_batch() returned {got} for {len(batch)} events; return a list "
+                    "with one result per event"
+                )
+        for index, (_, result) in enumerate(batch):
+            if result.done():
+                continue
+            if failure is not None:
+                result.set_exception(failure)
+            else:
+                result.set_result(results[index])
+        self._run_next_batch()
+
+    def close(self) -> None:
+        """Drop queued requests; a running handle_batch() cannot be stopped."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        for _, result in self._queue:
+            result.cancel()
+        self._queue.clear()
 
 
 def build_response(result: object) -> web.Response:
@@ -400,7 +517,7 @@ class Runtime:
         if self.config.handler_dir is None:
             self._invoker = ForkInvoker(self.config)
         else:
-            self._invoker = await HandlerInvoker.load(self.config.handler_dir, self.config)
+            self._invoker = await load_handler_invoker(self.config.handler_dir, self.config)
 
     def close(self) -> None:
         """Kill in-flight fprocess children and drop queued handler calls."""

@@ -5,8 +5,10 @@ in fp32 on the CPU; weights from the state_dict file named by RESNET50_WEIGHTS (
 torch.save), else from a seeded random initialisation. One forward pass at import warms it.
 Request: a JPEG or PNG image as the body; response: `{"top5": [{"class": index, "label": name,
 "probability": p}, ...]}`, most probable first, or 400 with `{"error": what to fix}`.
-Resizing runs on the GPU. RESNET50_BATCH=N (default 1) runs each request as a batch of N
-copies of its image, to make a request saturate a GPU share in sharing experiments.
+Resizing runs on the GPU. fast-gshare's runtime calls `handle_batch` with the requests that
+arrived together and classifies them in one forward pass; `handle` serves one request where a
+runtime knows only that. RESNET50_BATCH=N (default 1) runs each image as N copies, to make a
+request saturate a GPU share in sharing experiments.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def load_model(path: str | None) -> nn.Module:
 
 
 def preprocess(body: bytes) -> torch.Tensor:
-    """The image in `body` as a normalised (BATCH, 3, 224, 224) batch on DEVICE; ValueError saying
-    what to fix when it is not a JPEG or PNG image."""
+    """The image in `body` as BATCH normalised (3, 224, 224) copies on DEVICE; ValueError
+    saying what to fix when it is not a JPEG or PNG image."""
     if not body:
         raise ValueError(f"the body is empty; {SEND}")
     kind = next((name for magic, name in SIGNATURES.items() if body.startswith(magic)), None)
@@ -76,25 +78,43 @@ def preprocess(body: bytes) -> torch.Tensor:
     return batch.to(DTYPE).contiguous(memory_format=torch.channels_last)
 
 
-def classify(batch: torch.Tensor) -> list[dict[str, Any]]:
-    """The TOP_K most probable ImageNet classes of the first image in `batch`."""
+def classify(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
+    """The TOP_K most probable ImageNet classes of every BATCH-th image in `batch` (one list
+    per image that `preprocess` gave)."""
     with torch.inference_mode():
-        probabilities = MODEL(batch).float().softmax(dim=1)[0]
-        top = probabilities.topk(TOP_K)
+        probabilities = MODEL(batch)[::BATCH].float().softmax(dim=1)
+        top = probabilities.topk(TOP_K, dim=1)
     return [
-        {"class": index, "label": CATEGORIES[index], "probability": probability}
-        for probability, index in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        [
+            {"class": index, "label": CATEGORIES[index], "probability": probability}
+            for probability, index in zip(values, indices, strict=True)
+        ]
+        for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)
     ]
 
 
 MODEL = load_model(os.environ.get("RESNET50_WEIGHTS"))
-classify(torch.zeros(1, 3, CROP, CROP, device=DEVICE, dtype=DTYPE))
+classify(torch.zeros(BATCH, 3, CROP, CROP, device=DEVICE, dtype=DTYPE))
+
+
+def handle_batch(events: list[Any], context: Any) -> list[dict[str, Any]]:
+    """Classify the image in each event's body, all in one forward pass; 400 with an
+    explanation for a body that is not an image."""
+    answers: list[dict[str, Any]] = [{} for _ in events]
+    images: dict[int, torch.Tensor] = {}
+    for position, event in enumerate(events):
+        try:
+            images[position] = preprocess(event.body)
+        except ValueError as error:
+            answers[position] = {"statusCode": 400, "body": {"error": str(error)}}
+    if images:
+        batch = torch.cat(list(images.values())).contiguous(memory_format=torch.channels_last)
+        top5s = classify(batch)
+        for position, top5 in zip(images, top5s, strict=True):
+            answers[position] = {"statusCode": 200, "body": {"top5": top5}}
+    return answers
 
 
 def handle(event: Any, context: Any) -> dict[str, Any]:
     """Classify the image in the body; 400 with an explanation when it is not one."""
-    try:
-        batch = preprocess(event.body)
-    except ValueError as error:
-        return {"statusCode": 400, "body": {"error": str(error)}}
-    return {"statusCode": 200, "body": {"top5": classify(batch)}}
+    return handle_batch([event], context)[0]
