@@ -395,9 +395,9 @@ def drive_urls(
                             handler_times.append(float(answer.headers["X-Duration-Seconds"]))
 
             async def progress() -> None:
-                while (now := loop.time()) < end:
+                while loop.time() < end:
                     await asyncio.sleep(PROGRESS_EVERY_S)
-                    if now > start:
+                    if start < (now := loop.time()) < end:
                         rate = sum(len(v) for v in latencies.values()) / (now - start)
                         print(f"  {now - start:4.1f}/{seconds:g} s, {rate:6.0f} req/s", flush=True)
 
@@ -424,12 +424,14 @@ def full_path(args: argparse.Namespace, mode: str = "full-path") -> dict[str, An
     `full-path-unbatched` runs them with max_batch_size=1."""
     names = [f"resnet50-{index}" for index in range(args.processes)]
     print(f"{mode}: deploying {len(names)} functions at {args.sm_percent}% SMs", flush=True)
-    environment = {"max_batch_size": "1"} if mode == "full-path-unbatched" else {}
+    environment = _batching(args)
+    if mode == "full-path-unbatched":
+        environment["max_batch_size"] = "1"
     handler_times: list[float] = []
     entry = _shared(args.sm_percent, environment=environment)
     with provider(dict.fromkeys(names, entry)) as base:
         latencies = drive(base, names, args.seconds, args.clients, handler_times)
-    return _served(mode, args, latencies, handler_times)
+    return _served(mode, args, latencies, handler_times, environment)
 
 
 def full_path_unbatched(args: argparse.Namespace) -> dict[str, Any]:
@@ -445,6 +447,7 @@ def bare_runtime(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         mps = stack.enter_context(mps_daemon())
         env = {**os.environ, **mps, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(args.sm_percent)}
+        env |= _batching(args)
         command = [sys.executable, "-m", "faas_provider.runtime", "--port", "0"]
         command += ["--handler", str(FUNCTIONS_DIR / "resnet50")]
         targets = {}
@@ -456,20 +459,30 @@ def bare_runtime(args: argparse.Namespace) -> dict[str, Any]:
             port = runtime.stdout.readline().rsplit(":", 1)[1].strip()  # Listening on port: N
             targets[f"runtime-{index}"] = f"http://127.0.0.1:{port}/"
         latencies = drive_urls(targets, args.seconds, args.clients, handler_times)
-    return _served("bare-runtime", args, latencies, handler_times)
+    return _served("bare-runtime", args, latencies, handler_times, _batching(args))
+
+
+def _batching(args: argparse.Namespace) -> dict[str, str]:
+    """The runtime's batching settings for the resnet50 functions."""
+    return {"max_batch_size": str(args.max_batch_size), "max_batch_delay": args.max_batch_delay}
 
 
 def _served(
-    mode: str, args: argparse.Namespace, latencies: dict[str, list[float]], handler: list[float]
+    mode: str,
+    args: argparse.Namespace,
+    latencies: dict[str, list[float]],
+    handler: list[float],
+    batching: dict[str, str],
 ) -> dict[str, Any]:
-    """A mode's figures from its requests' latencies and handler times."""
+    """A mode's figures from its requests' latencies and handler times, and the functions'
+    batching settings."""
     import torch
 
     every = [t for times in latencies.values() for t in times]
     request_ms, handler_ms = 1000 * sum(every) / len(every), 1000 * sum(handler) / len(handler)
     print(
         f"{mode}: {args.clients} client(s) a function; mean request {request_ms:.2f} ms, "
-        f"of which the handler {handler_ms:.2f} ms",
+        f"of which the handler {handler_ms:.2f} ms ({batching})",
         flush=True,
     )
     per_function = [_summary(times, args.seconds) for times in latencies.values()]
@@ -479,6 +492,7 @@ def _served(
         "sm_percent": args.sm_percent,
         "seconds": args.seconds,
         "clients_per_function": args.clients,
+        **batching,
         "handler_mean_ms": handler_ms,
         "request_mean_ms": request_ms,
         "aggregate_img_s": sum(row["img_s"] for row in per_function),
@@ -738,6 +752,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per mode")
     parser.add_argument(
         "--clients", type=int, default=CLIENTS_PER_FUNCTION, help="full-path clients a function"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=8, help="the runtime's max_batch_size (functions)"
+    )
+    parser.add_argument(
+        "--max-batch-delay", default="0", help="the runtime's max_batch_delay (functions), e.g. 2ms"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--through-handler", action="store_true", help=argparse.SUPPRESS)

@@ -258,6 +258,11 @@ def test_config_reads_the_watchdog_environment() -> None:
     assert RuntimeConfig.from_env({"fprocess": "cat", "max_batch_size": "2"}).max_batch_size == 2
     with pytest.raises(ValueError, match="max_batch_size"):
         RuntimeConfig.from_env({"fprocess": "cat", "max_batch_size": "0"})
+    assert RuntimeConfig.from_env({"fprocess": "cat"}).max_batch_delay_s == 0
+    config = RuntimeConfig.from_env({"fprocess": "cat", "max_batch_delay": "2ms"})
+    assert config.max_batch_delay_s == pytest.approx(0.002)
+    with pytest.raises(ValueError, match="max_batch_delay"):
+        RuntimeConfig.from_env({"fprocess": "cat", "max_batch_delay": "soon"})
     with pytest.raises(ValueError, match="fprocess"):
         RuntimeConfig.from_env({})
 
@@ -494,6 +499,34 @@ async def test_requests_that_arrive_while_a_batch_runs_form_the_next_batch(
         alone = await call("alone")
         assert alone["batch"] == ["alone"]  # one request at a time waits for no other
         assert [len(batch) for batch in alone["seen"]] == [1, 4, 1, 1]
+
+
+async def test_max_batch_delay_lets_a_batch_fill_before_it_runs(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    write(tmp_path / "handler.py", BATCH_HANDLER)
+    env = {"max_batch_size": "3", "max_batch_delay": "400ms"}
+    async with running("--handler", str(tmp_path), env=env) as replica:
+
+        async def call(body: str) -> tuple[list[str], float]:
+            started = time.monotonic()
+            async with session.post(replica.url, data=body.encode()) as response:
+                assert response.status == 200, await response.text()
+                return (await response.json())["batch"], time.monotonic() - started
+
+        batch, took = await call("alone")
+        assert batch == ["alone"]
+        assert took >= 0.35  # it waited for company that never came
+
+        early = asyncio.create_task(call("early"))
+        await asyncio.sleep(0.15)
+        (batch, _), (same, _) = await asyncio.gather(early, call("late"))
+        assert batch == same == ["early", "late"]  # the late one joined the waiting batch
+
+        full = await asyncio.gather(*(call(f"f{index}") for index in range(3)))
+        for batch, took in full:
+            assert sorted(batch) == ["f0", "f1", "f2"]
+            assert took < 0.3  # a full batch does not wait
 
 
 async def test_a_failing_batch_answers_500_to_each_of_its_requests(

@@ -8,9 +8,10 @@ Two ways to run a function:
   imported once and `handle(event, context)` is called per request in a thread pool, so a model
   loaded at import stays loaded between requests.
 - batch handler mode: when `DIR/handler.py` also defines `handle_batch(events, context)`, one
-  thread calls it with every request that arrived while the previous call ran (up to
-  `max_batch_size`), and it returns one result per event. A batch-1 model on a GPU is bound by
-  kernel launches, so a batch of concurrent requests costs about what one does.
+  thread calls it with the requests that queued while the previous call ran (up to
+  `max_batch_size`, after waiting up to `max_batch_delay` for a batch to fill), and it returns
+  one result per event. A batch-1 model on a GPU is bound by kernel launches, so a batch of
+  concurrent requests costs about what one does.
 
 `GET /_/health` answers 200 once the function is loaded; every other path and method invokes it.
 """
@@ -96,6 +97,7 @@ class RuntimeConfig(BaseModel):
     combine_output: bool = True
     max_inflight: int = Field(default=0, ge=0)
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
+    max_batch_delay_s: float = Field(default=0.0, ge=0)
     parent_pid: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
@@ -118,14 +120,10 @@ class RuntimeConfig(BaseModel):
         """The config from the command line's values and the watchdog variables in `environ`.
 
         `exec_timeout` of 0 (or negative) means no limit, as in the watchdogs. Raises ValueError
-        (a pydantic ValidationError for a bad `max_inflight` or `max_batch_size`) for an
-        unreadable value.
+        (a pydantic ValidationError for a bad `max_inflight`, `max_batch_size` or a negative
+        `max_batch_delay`) for an unreadable value.
         """
-        raw_timeout = environ.get("exec_timeout", "")
-        try:
-            timeout = parse_duration(raw_timeout) if raw_timeout else DEFAULT_EXEC_TIMEOUT_S
-        except ValueError as error:
-            raise ValueError(f"exec_timeout: {error}") from None
+        timeout = _read_duration(environ, "exec_timeout", DEFAULT_EXEC_TIMEOUT_S)
         return cls(
             port=port,
             handler_dir=handler_dir,
@@ -136,8 +134,17 @@ class RuntimeConfig(BaseModel):
             combine_output=(environ.get("combine_output") or "true") == "true",
             max_inflight=environ.get("max_inflight") or 0,
             max_batch_size=environ.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE,
+            max_batch_delay_s=_read_duration(environ, "max_batch_delay", 0.0),
             parent_pid=parent_pid,
         )
+
+
+def _read_duration(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "")
+    try:
+        return parse_duration(raw) if raw else default
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 @dataclass
@@ -313,7 +320,11 @@ async def load_handler_invoker(handler_dir: Path, config: RuntimeConfig) -> Invo
     module = await asyncio.get_running_loop().run_in_executor(loader, load_handler, handler_dir)
     context = Context(hostname=os.environ.get("HOSTNAME", "localhost"))
     if module.handle_batch is not None:
-        log.info("Batching requests: up to %d a call of handle_batch()", config.max_batch_size)
+        log.info(
+            "Batching requests: up to %d a call of handle_batch(), waiting up to %gs to fill",
+            config.max_batch_size,
+            config.max_batch_delay_s,
+        )
         return BatchInvoker(module.handle_batch, loader, context, config)
     assert module.handle is not None
     loader.shutdown()
@@ -376,9 +387,11 @@ class HandlerInvoker:
 
 
 class BatchInvoker:
-    """batch handler mode: requests queue while `handle_batch` runs on its one thread; when it
-    returns, the next call takes up to `max_batch_size` of them, oldest first. A request
-    that times out while queued is dropped from the queue."""
+    """batch handler mode: requests queue while `handle_batch` runs on its one thread. When the
+    thread is free and requests wait, the next call takes up to `max_batch_size` of them,
+    oldest first: at once when that many wait, else after `max_batch_delay` (as TorchServe's
+    max_batch_delay: with a few closed-loop callers, the ones answered last get back in time
+    to share the batch). A request that times out while queued is dropped from the queue."""
 
     def __init__(
         self,
@@ -392,19 +405,35 @@ class BatchInvoker:
         self._context = context
         self._timeout = config.exec_timeout_s
         self._max_batch_size = config.max_batch_size
+        self._max_batch_delay_s = config.max_batch_delay_s
         self._queue: deque[tuple[Event, asyncio.Future[Any]]] = deque()
         self._running = False
+        self._filling: asyncio.TimerHandle | None = None  # set while a batch waits to fill
 
     async def invoke(self, request: web.Request) -> web.Response:
         """Queue the request for the next batch; map its result as the template does."""
         event = await read_event(request)
         result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((event, result))
-        if not self._running:
+        if self._filling is not None and len(self._queue) >= self._max_batch_size:
             self._run_next_batch()
+        elif not self._running and self._filling is None:
+            self._start_filling()
         return await await_result(result, self._timeout)
 
+    def _start_filling(self) -> None:
+        """The thread is free: run the waiting requests now, or once the batch has had
+        `max_batch_delay` to fill."""
+        if self._queue and self._max_batch_delay_s and len(self._queue) < self._max_batch_size:
+            loop = asyncio.get_running_loop()
+            self._filling = loop.call_later(self._max_batch_delay_s, self._run_next_batch)
+        else:
+            self._run_next_batch()
+
     def _run_next_batch(self) -> None:
+        if self._filling is not None:
+            self._filling.cancel()
+            self._filling = None
         batch: list[tuple[Event, asyncio.Future[Any]]] = []
         while self._queue and len(batch) < self._max_batch_size:
             event, result = self._queue.popleft()
@@ -440,11 +469,14 @@ class BatchInvoker:
                 result.set_exception(failure)
             else:
                 result.set_result(results[index])
-        self._run_next_batch()
+        self._running = False
+        self._start_filling()
 
     def close(self) -> None:
         """Drop queued requests; a running handle_batch() cannot be stopped."""
         self._thread.shutdown(wait=False, cancel_futures=True)
+        if self._filling is not None:
+            self._filling.cancel()
         for _, result in self._queue:
             result.cancel()
         self._queue.clear()
