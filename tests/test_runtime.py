@@ -258,7 +258,7 @@ def test_config_reads_the_watchdog_environment() -> None:
     assert RuntimeConfig.from_env({"fprocess": "cat", "max_batch_size": "2"}).max_batch_size == 2
     with pytest.raises(ValueError, match="max_batch_size"):
         RuntimeConfig.from_env({"fprocess": "cat", "max_batch_size": "0"})
-    assert RuntimeConfig.from_env({"fprocess": "cat"}).max_batch_delay_s == 0
+    assert RuntimeConfig.from_env({"fprocess": "cat"}).max_batch_delay_s == 0.005
     config = RuntimeConfig.from_env({"fprocess": "cat", "max_batch_delay": "2ms"})
     assert config.max_batch_delay_s == pytest.approx(0.002)
     with pytest.raises(ValueError, match="max_batch_delay"):
@@ -501,32 +501,34 @@ async def test_requests_that_arrive_while_a_batch_runs_form_the_next_batch(
         assert [len(batch) for batch in alone["seen"]] == [1, 4, 1, 1]
 
 
-async def test_max_batch_delay_lets_a_batch_fill_before_it_runs(
-    tmp_path: Path, session: aiohttp.ClientSession
+@pytest.mark.parametrize(("delay", "in_step"), [("400ms", True), ("0", False)])
+async def test_closed_loop_callers_fall_into_step_and_share_batches(
+    tmp_path: Path, session: aiohttp.ClientSession, delay: str, in_step: bool
 ) -> None:
     write(tmp_path / "handler.py", BATCH_HANDLER)
-    env = {"max_batch_size": "3", "max_batch_delay": "400ms"}
-    async with running("--handler", str(tmp_path), env=env) as replica:
+    async with running("--handler", str(tmp_path), env={"max_batch_delay": delay}) as replica:
 
-        async def call(body: str) -> tuple[list[str], float]:
+        async def call(body: str) -> tuple[list[list[str]], float]:
             started = time.monotonic()
             async with session.post(replica.url, data=body.encode()) as response:
                 assert response.status == 200, await response.text()
-                return (await response.json())["batch"], time.monotonic() - started
+                return (await response.json())["seen"], time.monotonic() - started
 
-        batch, took = await call("alone")
-        assert batch == ["alone"]
-        assert took >= 0.35  # it waited for company that never came
+        _, took = await call("alone")
+        assert took < 0.3  # a lone caller does not wait for company
 
-        early = asyncio.create_task(call("early"))
-        await asyncio.sleep(0.15)
-        (batch, _), (same, _) = await asyncio.gather(early, call("late"))
-        assert batch == same == ["early", "late"]  # the late one joined the waiting batch
+        async def caller(name: str) -> list[list[str]]:
+            for index in range(6):
+                seen, _ = await call(f"sleep 0.05 {name}{index}")
+            return seen
 
-        full = await asyncio.gather(*(call(f"f{index}") for index in range(3)))
-        for batch, took in full:
-            assert sorted(batch) == ["f0", "f1", "f2"]
-            assert took < 0.3  # a full batch does not wait
+        first, second = await asyncio.gather(caller("a"), caller("b"))
+        sizes = [len(batch) for batch in max(first, second, key=len)[1:]]
+        assert sum(sizes) == 12
+        # The two start one behind the other; waiting for the expected second request puts
+        # them in step, two to a batch (but the first and last calls). Without the wait they
+        # stay out of step, one a batch.
+        assert sizes == ([1, 2, 2, 2, 2, 2, 1] if in_step else [1] * 12)
 
 
 async def test_a_failing_batch_answers_500_to_each_of_its_requests(

@@ -9,9 +9,9 @@ Two ways to run a function:
   loaded at import stays loaded between requests.
 - batch handler mode: when `DIR/handler.py` also defines `handle_batch(events, context)`, one
   thread calls it with the requests that queued while the previous call ran (up to
-  `max_batch_size`, after waiting up to `max_batch_delay` for a batch to fill), and it returns
-  one result per event. A batch-1 model on a GPU is bound by kernel launches, so a batch of
-  concurrent requests costs about what one does.
+  `max_batch_size`; a batch may wait up to `max_batch_delay` for requests that recent load
+  says are coming), and it returns one result per event. A batch-1 model on a GPU is bound by
+  kernel launches, so a batch of concurrent requests costs about what one does.
 
 `GET /_/health` answers 200 once the function is loaded; every other path and method invokes it.
 """
@@ -47,6 +47,8 @@ DEFAULT_EXEC_TIMEOUT_S = 30.0
 # template's server) gives it by default, so handlers see the concurrency they were written for.
 DEFAULT_HANDLER_THREADS = 4
 DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_BATCH_DELAY_S = 0.005
+BATCH_MEMORY = 16  # batches over which a replica remembers how many requests it held at once
 PLAIN_TEXT = "text/plain; charset=utf-8"
 FLASK_DEFAULT_CONTENT_TYPE = "text/html; charset=utf-8"
 
@@ -97,7 +99,7 @@ class RuntimeConfig(BaseModel):
     combine_output: bool = True
     max_inflight: int = Field(default=0, ge=0)
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
-    max_batch_delay_s: float = Field(default=0.0, ge=0)
+    max_batch_delay_s: float = Field(default=DEFAULT_MAX_BATCH_DELAY_S, ge=0)
     parent_pid: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
@@ -134,7 +136,7 @@ class RuntimeConfig(BaseModel):
             combine_output=(environ.get("combine_output") or "true") == "true",
             max_inflight=environ.get("max_inflight") or 0,
             max_batch_size=environ.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE,
-            max_batch_delay_s=_read_duration(environ, "max_batch_delay", 0.0),
+            max_batch_delay_s=_read_duration(environ, "max_batch_delay", DEFAULT_MAX_BATCH_DELAY_S),
             parent_pid=parent_pid,
         )
 
@@ -387,11 +389,17 @@ class HandlerInvoker:
 
 
 class BatchInvoker:
-    """batch handler mode: requests queue while `handle_batch` runs on its one thread. When the
-    thread is free and requests wait, the next call takes up to `max_batch_size` of them,
-    oldest first: at once when that many wait, else after `max_batch_delay` (as TorchServe's
-    max_batch_delay: with a few closed-loop callers, the ones answered last get back in time
-    to share the batch). A request that times out while queued is dropped from the queue."""
+    """batch handler mode: requests queue while `handle_batch` runs on its one thread; when it
+    is free, the next call takes up to `max_batch_size` of them, oldest first.
+
+    A batch waits to fill only for requests that recent load says are coming: the expected
+    size is the most requests the replica held at once during the last BATCH_MEMORY batches
+    (at most `max_batch_size`). Fewer waiting: the batch waits for that many, at most
+    `max_batch_delay`. Without the wait, a few closed-loop callers fall into step one behind
+    another and every batch holds one request; with it, the callers answered last get back
+    in time to share the next batch. A lone caller never waits. A request that times out
+    while queued is dropped from the queue.
+    """
 
     def __init__(
         self,
@@ -409,22 +417,33 @@ class BatchInvoker:
         self._queue: deque[tuple[Event, asyncio.Future[Any]]] = deque()
         self._running = False
         self._filling: asyncio.TimerHandle | None = None  # set while a batch waits to fill
+        self._held = 0  # requests received and not yet answered
+        self._peak = 0  # the most held at once since the last batch started
+        self._peaks: deque[int] = deque(maxlen=BATCH_MEMORY)
 
     async def invoke(self, request: web.Request) -> web.Response:
         """Queue the request for the next batch; map its result as the template does."""
         event = await read_event(request)
         result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((event, result))
-        if self._filling is not None and len(self._queue) >= self._max_batch_size:
-            self._run_next_batch()
-        elif not self._running and self._filling is None:
-            self._start_filling()
-        return await await_result(result, self._timeout)
+        self._held += 1
+        self._peak = max(self._peak, self._held)
+        try:
+            if self._filling is not None and len(self._queue) >= self._expected_size():
+                self._run_next_batch()
+            elif not self._running and self._filling is None:
+                self._start_filling()
+            return await await_result(result, self._timeout)
+        finally:
+            self._held -= 1
+
+    def _expected_size(self) -> int:
+        return min(self._max_batch_size, max(self._peak, max(self._peaks, default=0)))
 
     def _start_filling(self) -> None:
         """The thread is free: run the waiting requests now, or once the batch has had
-        `max_batch_delay` to fill."""
-        if self._queue and self._max_batch_delay_s and len(self._queue) < self._max_batch_size:
+        `max_batch_delay` to fill to its expected size."""
+        if self._queue and self._max_batch_delay_s and len(self._queue) < self._expected_size():
             loop = asyncio.get_running_loop()
             self._filling = loop.call_later(self._max_batch_delay_s, self._run_next_batch)
         else:
@@ -441,6 +460,8 @@ class BatchInvoker:
                 batch.append((event, result))
         self._running = bool(batch)
         if batch:
+            self._peaks.append(self._peak)
+            self._peak = self._held
             events = [event for event, _ in batch]
             call = asyncio.get_running_loop().run_in_executor(
                 self._thread, self._handle_batch, events, self._context
