@@ -463,8 +463,9 @@ def bare_runtime(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _batching(args: argparse.Namespace) -> dict[str, str]:
-    """The runtime's batching settings for the resnet50 functions."""
-    return {"max_batch_size": str(args.max_batch_size), "max_batch_delay": args.max_batch_delay}
+    """The runtime's batching settings given for the resnet50 functions (none: its defaults)."""
+    settings = {"max_batch_size": args.max_batch_size, "max_batch_delay": args.max_batch_delay}
+    return {name: str(value) for name, value in settings.items() if value is not None}
 
 
 def _served(
@@ -482,7 +483,7 @@ def _served(
     request_ms, handler_ms = 1000 * sum(every) / len(every), 1000 * sum(handler) / len(handler)
     print(
         f"{mode}: {args.clients} client(s) a function; mean request {request_ms:.2f} ms, "
-        f"of which the handler {handler_ms:.2f} ms ({batching})",
+        f"of which the handler {handler_ms:.2f} ms (batching: {batching or 'runtime defaults'})",
         flush=True,
     )
     per_function = [_summary(times, args.seconds) for times in latencies.values()]
@@ -492,7 +493,7 @@ def _served(
         "sm_percent": args.sm_percent,
         "seconds": args.seconds,
         "clients_per_function": args.clients,
-        **batching,
+        "batching": batching or "runtime defaults",
         "handler_mean_ms": handler_ms,
         "request_mean_ms": request_ms,
         "aggregate_img_s": sum(row["img_s"] for row in per_function),
@@ -753,12 +754,8 @@ def main() -> None:
     parser.add_argument(
         "--clients", type=int, default=CLIENTS_PER_FUNCTION, help="full-path clients a function"
     )
-    parser.add_argument(
-        "--max-batch-size", type=int, default=8, help="the runtime's max_batch_size (functions)"
-    )
-    parser.add_argument(
-        "--max-batch-delay", default="0", help="the runtime's max_batch_delay (functions), e.g. 2ms"
-    )
+    parser.add_argument("--max-batch-size", type=int, help="the functions' max_batch_size")
+    parser.add_argument("--max-batch-delay", help="the functions' max_batch_delay, e.g. 5ms")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--through-handler", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
