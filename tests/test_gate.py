@@ -86,3 +86,39 @@ async def test_connecting_to_no_service_is_a_clear_error(tmp_path: Path) -> None
         assert "absent.sock" in str(error)
     else:
         raise AssertionError("connect() must fail without a token service")
+
+
+async def test_a_busy_gate_keeps_its_token_across_windows_until_a_neighbour_waits(
+    tmp_path: Path,
+) -> None:
+    socket = tmp_path / "tokens.sock"
+    service = TokenService(window_s=0.02)
+    await service.start(socket)
+    busy, neighbour = _gate(socket, "busy"), _gate(socket, "neighbour")
+    await busy.connect()
+    await neighbour.connect()
+    try:
+        await busy.__aenter__()  # a long request, running across many windows
+        await asyncio.sleep(0.05)
+        # Its lease ran out long ago, but nobody else wants the GPU: a second request starts
+        # at once, without waiting for the first to finish.
+        await asyncio.wait_for(busy.__aenter__(), 0.01)
+        await busy.__aexit__(None, None, None)
+
+        neighbour_in = asyncio.create_task(neighbour.__aenter__())
+        await asyncio.sleep(0.05)
+        assert not neighbour_in.done(), "100% + 100% of the SMs: the neighbour waits"
+        # Now the renewal is refused: the busy gate admits nothing new until it has let go.
+        third = asyncio.create_task(busy.__aenter__())
+        await asyncio.sleep(0.05)
+        assert not third.done()
+        await busy.__aexit__(None, None, None)  # the long request ends; the token goes
+        await asyncio.wait_for(neighbour_in, 0.5)
+        assert not third.done(), "the neighbour runs first"
+        await neighbour.__aexit__(None, None, None)
+        await asyncio.wait_for(third, 0.5)
+        await busy.__aexit__(None, None, None)
+    finally:
+        await busy.close()
+        await neighbour.close()
+        await service.close()

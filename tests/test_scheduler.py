@@ -17,7 +17,7 @@ def simulate(
     """Greedy clients (each always has work of `work_s` to run) behind gates; shares of time.
 
     A gate starts work only while its lease lasts, lets started work finish past it, then
-    releases and asks again: what the real gate does per request.
+    renews its lease or, refused, releases and asks again: what the real gate does per request.
     """
     scheduler = QuotaScheduler(WINDOW)
     for name, (sm, request, limit) in clients.items():
@@ -44,6 +44,9 @@ def simulate(
             at, tag, _ = heapq.heappop(events)
             now = at
             client = tag.removeprefix("release:")
+            if (renewal := scheduler.renew(client, now)) is not None:
+                heapq.heappush(events, (now, client, renewal.lease_end))
+                continue
             scheduler.release(client, now)
             scheduler.want(client, now)
             for grant in scheduler.schedule(now):
@@ -113,6 +116,32 @@ def test_the_first_in_line_is_not_overtaken_by_smaller_partitions() -> None:
     assert scheduler.schedule(0.002) == [], "small must not overtake big, who waits for room"
     scheduler.release("holder", 0.01)
     assert [g.client for g in scheduler.schedule(0.01)] == ["big", "small"]
+
+
+def test_a_lease_is_renewed_while_nobody_else_could_run() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("holder", 50, 0.2, 0.6)
+    scheduler.register("neighbour", 50, 0.5, 1.0)
+    scheduler.want("holder", 0.0)
+    (grant,) = scheduler.schedule(0.0)
+    assert grant.lease_end == pytest.approx(0.02)  # its request first
+    renewal = scheduler.renew("holder", 0.02)
+    assert renewal is not None
+    assert renewal.lease_end == pytest.approx(0.06)  # then the rest of its limit
+    assert scheduler.renew("holder", 0.06) is None, "its limit is spent for this window"
+    # It held on to 0.1 (its request ran on): 40 ms over its limit, carried as debt.
+    renewal = scheduler.renew("holder", 0.1)  # a new window, never having let go
+    assert renewal is not None
+    assert renewal.lease_end == pytest.approx(0.12)  # 60 ms of limit less 40 of debt
+    assert scheduler.used("holder", 0.11) == pytest.approx(0.05)
+
+    scheduler.register("big", 80, 0.5, 1.0)  # does not fit beside the holder
+    scheduler.want("big", 0.11)
+    assert scheduler.schedule(0.11) == []
+    assert scheduler.renew("holder", 0.12) is None, "someone who could run waits: step aside"
+    scheduler.release("holder", 0.125)
+    assert [g.client for g in scheduler.schedule(0.125)] == ["big"]
+    assert scheduler.renew("neighbour", 0.13) is None, "only a holder renews"
 
 
 def test_bad_shares_are_refused() -> None:

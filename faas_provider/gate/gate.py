@@ -2,10 +2,11 @@
 while the replica holds a token of its GPU's scheduler.
 
 A request that finds no valid lease waits for one; requests that start under a lease run to
-the end even past it (the scheduler charges the overrun as debt). When the lease is over, no
-new request starts until the running ones finish, the token is returned and a new one is
-granted. An idle gate keeps its token for a short linger (default 2 ms), so back-to-back
-requests do not pay a round trip each, then returns it: idle time is not GPU time.
+the end even past it (the scheduler charges the overrun as debt). When the lease is over, the
+gate asks to renew it; when the scheduler says no, no new request starts until the running
+ones finish, the token is returned and a new one is granted. An idle gate keeps its token
+for a short linger (default 2 ms), so back-to-back requests do not pay a round trip each,
+then returns it: idle time is not GPU time.
 The same gate runs as a sidecar on Kubernetes and as a process beside each replica locally.
 """
 
@@ -48,6 +49,7 @@ class QuotaGate:
         self._condition = asyncio.Condition()
         self._holding = False
         self._lease_end = 0.0
+        self._renewal_refused = False
         self._in_flight = 0
         self._linger: asyncio.TimerHandle | None = None
 
@@ -82,13 +84,17 @@ class QuotaGate:
         loop = asyncio.get_running_loop()
         async with self._condition:
             while not (self._holding and loop.time() < self._lease_end):
-                if self._holding and self._in_flight:
+                if self._holding and not self._renewal_refused:
+                    lease = await self._ask("renew")
+                    self._renewal_refused = lease == 0
+                    self._lease_end = loop.time() + lease
+                elif self._holding and self._in_flight:
                     await self._condition.wait()  # lease over: let the running ones finish
                 elif self._holding:
                     self._release()
                 else:
-                    lease = await self._acquire()
-                    self._holding = True
+                    lease = await self._ask("acquire")
+                    self._holding, self._renewal_refused = True, False
                     self._lease_end = loop.time() + lease
             self._in_flight += 1
             if self._linger is not None:
@@ -111,12 +117,13 @@ class QuotaGate:
                     self._linger = loop.call_later(self._linger_s, self._release_if_idle)
             self._condition.notify_all()
 
-    async def _acquire(self) -> float:
+    async def _ask(self, op: str) -> float:
+        """Send `acquire` or `renew`; the lease granted, in seconds (0: renewal refused)."""
         if not self.connected:
             await self.connect()
         assert self._reader is not None and self._writer is not None
         try:
-            self._writer.write(b'{"op": "acquire"}\n')
+            self._writer.write(b'{"op": "%s"}\n' % op.encode())
             line = await self._reader.readline()
         except ConnectionError as error:
             self._writer.close()

@@ -7,7 +7,9 @@ limit. Tokens are not exclusive: several clients hold them at once as long as th
 partitions sum to at most 100, so temporal sharing keeps what MPS's spatial sharing gains.
 A lease ends at the window's end or when the client's current budget (request, then limit) is
 spent; work that runs on past it is charged all the same, and what a window's charge exceeds
-the limit by is carried into the next window as debt.
+the limit by is carried into the next window as debt. A holder whose lease ran out may renew
+it without giving the token back while its budget allows and no one else can be served: then
+its replica never stalls at a window's edge.
 """
 
 from __future__ import annotations
@@ -90,22 +92,42 @@ class QuotaScheduler:
                 share = state.used_s / (state.limit * self.window_s)
                 best_effort.append((share, state.waiting_since, name))
         grants = []
-        for tier, budget in ((sorted(guaranteed), "request"), (sorted(best_effort), "limit")):
-            for _, _, name in tier:
-                state = self._clients[name]
-                if state.sm_percent > free_sm:
-                    return grants  # the first in line waits for room: nobody overtakes it
-                free_sm -= state.sm_percent
-                fraction = state.request if budget == "request" else state.limit
-                lease_end = min(self.window_end, now + fraction * self.window_s - state.used_s)
-                state.waiting_since = None
-                state.held_since = now
-                grants.append(Grant(name, lease_end))
+        for _, _, name in sorted(guaranteed) + sorted(best_effort):
+            state = self._clients[name]
+            if state.sm_percent > free_sm:
+                return grants  # the first in line waits for room: nobody overtakes it
+            lease_end = self._lease_end(state, state.used_s, now)
+            assert lease_end is not None  # it is in a tier: it has budget
+            free_sm -= state.sm_percent
+            state.waiting_since = None
+            state.held_since = now
+            grants.append(Grant(name, lease_end))
         return grants
+
+    def renew(self, client: str, now: float) -> Grant | None:
+        """A new lease for a holder whose lease ran out, without giving its token back; None
+        (it must release) when its budget is spent or another client could be served."""
+        self._roll(now)
+        state = self._clients.get(client)
+        if state is None or state.held_since is None:
+            return None
+        for other in self._clients.values():
+            if other.waiting_since is not None and self._lease_end(other, other.used_s, now):
+                return None  # someone who could run now waits: the holder steps aside
+        lease_end = self._lease_end(state, state.used_s + now - state.held_since, now)
+        return Grant(client, lease_end) if lease_end is not None else None
 
     def waiting(self) -> bool:
         """Whether some client waits for a token (then schedule again at `window_end`)."""
         return any(c.waiting_since is not None for c in self._clients.values())
+
+    def _lease_end(self, state: _Client, used_s: float, now: float) -> float | None:
+        """Until when a client that has used `used_s` may run: the rest of its request, else
+        of its limit, within this window; None when it has no budget left."""
+        for fraction in (state.request, state.limit):
+            if used_s + MIN_LEASE_S <= fraction * self.window_s:
+                return min(self.window_end, now + fraction * self.window_s - used_s)
+        return None
 
     def used(self, client: str, now: float) -> float:
         """Seconds charged to `client` in the current window so far, debt and holding included."""

@@ -2,8 +2,10 @@
 
 The protocol is JSON lines on one connection per gate. The gate's first line registers it:
 `{"gpu": "GPU-…", "client": "resnet50-0", "sm": 14, "request": 1.0, "limit": 1.0}`; then
-`{"op": "acquire"}` is answered `{"lease_s": 0.087}` once a token is granted, and
-`{"op": "release"}` returns it (no answer). A closed connection returns its token and removes
+`{"op": "acquire"}` is answered `{"lease_s": 0.087}` once a token is granted,
+`{"op": "renew"}` from a holder whose lease ran out is answered at once, `{"lease_s": 0.1}`
+to keep the token or `{"lease_s": 0}` to give it back, and `{"op": "release"}` returns it
+(no answer). A closed connection returns its token and removes
 the client, so a gate that dies frees its share. The local backend runs this service inside
 the provider; on Kubernetes the node agent runs it.
 """
@@ -71,6 +73,11 @@ class TokenService:
                 op = json.loads(line).get("op")
                 if op == "acquire":
                     scheduler.want(client, _now())
+                elif op == "renew":
+                    now = _now()
+                    renewal = scheduler.renew(client, now)
+                    lease = max(0.0, renewal.lease_end - now) if renewal is not None else 0.0
+                    writer.write(b'{"lease_s": %.6f}\n' % lease)
                 elif op == "release":
                     scheduler.release(client, _now())
                 self._kick(gpu)
