@@ -81,9 +81,7 @@ def preprocess(images: list[torch.Tensor]) -> torch.Tensor:
         by_size.setdefault(tuple(image.shape), []).append(position)
     prepared: dict[int, torch.Tensor] = {}
     for positions in by_size.values():
-        group = torch.stack([images[position] for position in positions])
-        if DEVICE.type == "cuda":
-            group = group.pin_memory().to(DEVICE, non_blocking=True)
+        group = torch.stack([images[position] for position in positions]).to(DEVICE)
         group = tf.center_crop(tf.resize(group, [RESIZE], antialias=True), [CROP, CROP])
         group = tf.normalize(tf.to_dtype(group, torch.float32, scale=True), MEAN, STD)
         for position, image in zip(positions, group, strict=True):
