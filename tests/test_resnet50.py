@@ -109,28 +109,13 @@ def test_preprocessing_matches_torchvisions_imagenet_preset(handler: ModuleType)
     preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()  # 256 -> 224
     expected = preset(image).unsqueeze(0)
 
-    batch = handler.preprocess([handler.decode(png(image))])
+    batch = handler.preprocess(png(image))
 
     assert batch.shape == (1, 3, 224, 224)
     assert batch.dtype == handler.DTYPE
     assert batch.is_contiguous(memory_format=torch.channels_last)
     # Resizing in uint8 may round a pixel one grey level apart: 1 / (255 * 0.224) after normalising.
     assert torch.allclose(batch.float().cpu(), expected, atol=0.02)
-
-
-def test_images_of_one_size_are_prepared_together_as_they_would_be_alone(
-    handler: ModuleType,
-) -> None:
-    small, large, other = picture(3, 240, 320), picture(3, 300, 400), picture(3, 240, 320) // 2
-    images = [small, large, other]
-
-    batch = handler.preprocess(images)
-
-    assert batch.shape == (3, 3, 224, 224)
-    for position, image in enumerate(images):
-        alone = handler.preprocess([image])[0]
-        assert torch.allclose(batch[position].float(), alone.float(), atol=1e-3)
-    assert not torch.allclose(batch[0].float(), batch[2].float(), atol=0.1)
 
 
 @pytest.mark.parametrize(

@@ -57,9 +57,9 @@ def load_model(path: str | None) -> nn.Module:
     return model.eval().to(DEVICE, DTYPE, memory_format=torch.channels_last)
 
 
-def decode(body: bytes) -> torch.Tensor:
-    """The JPEG or PNG image in `body` as a (3, height, width) uint8 tensor; ValueError saying
-    what to fix when it is not one."""
+def preprocess(body: bytes) -> torch.Tensor:
+    """The image in `body` as BATCH normalised (3, 224, 224) copies on DEVICE; ValueError
+    saying what to fix when it is not a JPEG or PNG image."""
     if not body:
         raise ValueError(f"the body is empty; {SEND}")
     kind = next((name for magic, name in SIGNATURES.items() if body.startswith(magic)), None)
@@ -67,27 +67,14 @@ def decode(body: bytes) -> torch.Tensor:
         raise ValueError(f"the body is not a JPEG or PNG image; {SEND}")
     data = torch.frombuffer(bytearray(body), dtype=torch.uint8)
     try:
-        return decode_image(data, ImageReadMode.RGB)
+        image = decode_image(data, ImageReadMode.RGB)
     except RuntimeError as error:
         reason = SOURCE_PREFIX.sub("", str(error))
         raise ValueError(f"the {kind} image cannot be decoded ({reason}); {SEND}") from None
-
-
-def preprocess(images: list[torch.Tensor]) -> torch.Tensor:
-    """Decoded images as one normalised batch on DEVICE, BATCH copies of each, in order.
-    Images of one size are copied to the GPU and resized together, a few kernels a batch."""
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for position, image in enumerate(images):
-        by_size.setdefault(tuple(image.shape), []).append(position)
-    prepared: dict[int, torch.Tensor] = {}
-    for positions in by_size.values():
-        group = torch.stack([images[position] for position in positions]).to(DEVICE)
-        group = tf.center_crop(tf.resize(group, [RESIZE], antialias=True), [CROP, CROP])
-        group = tf.normalize(tf.to_dtype(group, torch.float32, scale=True), MEAN, STD)
-        for position, image in zip(positions, group, strict=True):
-            prepared[position] = image
-    batch = torch.stack([prepared[position] for position in range(len(images))])
-    batch = batch.repeat_interleave(BATCH, dim=0)
+    image = image.to(DEVICE)
+    image = tf.center_crop(tf.resize(image, [RESIZE], antialias=True), [CROP, CROP])
+    batch = tf.to_dtype(image.unsqueeze(0), torch.float32, scale=True)
+    batch = tf.normalize(batch, MEAN, STD).expand(BATCH, -1, -1, -1)
     return batch.to(DTYPE).contiguous(memory_format=torch.channels_last)
 
 
@@ -117,11 +104,12 @@ def handle_batch(events: list[Any], context: Any) -> list[dict[str, Any]]:
     images: dict[int, torch.Tensor] = {}
     for position, event in enumerate(events):
         try:
-            images[position] = decode(event.body)
+            images[position] = preprocess(event.body)
         except ValueError as error:
             answers[position] = {"statusCode": 400, "body": {"error": str(error)}}
     if images:
-        top5s = classify(preprocess(list(images.values())))
+        batch = torch.cat(list(images.values())).contiguous(memory_format=torch.channels_last)
+        top5s = classify(batch)
         for position, top5 in zip(images, top5s, strict=True):
             answers[position] = {"statusCode": 200, "body": {"top5": top5}}
     return answers
