@@ -13,8 +13,8 @@ from multidict import CIMultiDict
 
 from faas_provider.api import proxy
 from faas_provider.api.keys import SETTINGS, UPSTREAM
-from faas_provider.api.upstream import ConnectFailed, UpstreamError, UpstreamPool, parse_base_url
 from faas_provider.settings import Settings
+from faas_provider.upstream import ConnectFailed, UpstreamError, UpstreamPool, parse_base_url
 
 Script = Callable[[bytes], list[bytes]]
 

@@ -6,9 +6,9 @@ from aiohttp import web
 
 from faas_provider.api.middleware import ProviderMetrics
 from faas_provider.api.resolver import Resolver
-from faas_provider.api.upstream import UpstreamPool
 from faas_provider.backends.base import Backend
 from faas_provider.settings import Settings
+from faas_provider.upstream import UpstreamPool
 
 BACKEND = web.AppKey("backend", Backend)
 SETTINGS = web.AppKey("settings", Settings)

@@ -16,9 +16,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
-from faas_provider.api.upstream import ConnectFailed, UpstreamError, parse_base_url
 from faas_provider.backends.base import NotFound, Unavailable
 from faas_provider.models import DEFAULT_NAMESPACE
+from faas_provider.upstream import ConnectFailed, UpstreamError, parse_base_url
 
 log = logging.getLogger("fast_gshare.proxy")
 

@@ -25,10 +25,10 @@ from faas_provider.api import proxy
 from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.middleware import basic_auth
 from faas_provider.api.resolver import EndpointSource, Resolver
-from faas_provider.api.upstream import UpstreamError, UpstreamPool, parse_base_url
 from faas_provider.backends.base import NotFound, Unavailable
 from faas_provider.processes import watch_parent
 from faas_provider.settings import Settings, read_basic_auth
+from faas_provider.upstream import UpstreamError, UpstreamPool, parse_base_url
 
 log = logging.getLogger("fast_gshare.worker")
 

@@ -22,10 +22,10 @@ from multidict import CIMultiDict
 
 from faas_provider.api import proxy
 from faas_provider.api.keys import SETTINGS, UPSTREAM
-from faas_provider.api.upstream import UpstreamError, UpstreamPool, parse_base_url
 from faas_provider.gate.gate import QuotaGate, Registration, SchedulerUnavailable
 from faas_provider.processes import watch_parent
 from faas_provider.settings import Settings
+from faas_provider.upstream import UpstreamError, UpstreamPool, parse_base_url
 
 GATE = web.AppKey("gate", QuotaGate)
 

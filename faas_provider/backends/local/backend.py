@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from faas_provider.api.upstream import UpstreamPool
 from faas_provider.backends.base import (
     Conflict,
     InvalidRequest,
@@ -45,6 +44,7 @@ from faas_provider.models import (
     namespace_or_default,
     utcnow,
 )
+from faas_provider.upstream import UpstreamPool
 
 log = logging.getLogger("fast_gshare.local")
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Coroutine
 
 from multidict import CIMultiDict
 
-from faas_provider.api.upstream import UpstreamError, UpstreamPool
 from faas_provider.backends.local.launch import LaunchSpec
+from faas_provider.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("fast_gshare.replica")
 
