@@ -112,7 +112,8 @@ class QuotaScheduler:
         if state is None or state.held_since is None:
             return None
         for other in self._clients.values():
-            if other.waiting_since is not None and self._lease_end(other, other.used_s, now):
+            could_run = self._lease_end(other, other.used_s, now) is not None
+            if other.waiting_since is not None and could_run:
                 return None  # someone who could run now waits: the holder steps aside
         lease_end = self._lease_end(state, state.used_s + now - state.held_since, now)
         return Grant(client, lease_end) if lease_end is not None else None
