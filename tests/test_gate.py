@@ -4,6 +4,8 @@ a dead gate's share given back, the gate's HTTP front."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,27 @@ def _gate(socket: Path, client: str, sm: int = 100) -> QuotaGate:
     return QuotaGate(socket, Registration("GPU-test", client, sm, 1.0, 1.0), linger_s=0.001)
 
 
-async def test_a_dead_gate_gives_its_share_back(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def two_gates(
+    tmp_path: Path, window_s: float, first: str, second: str
+) -> AsyncIterator[tuple[QuotaGate, QuotaGate]]:
+    """A token service and two whole-GPU gates registered with it; all closed afterwards."""
     socket = tmp_path / "tokens.sock"
-    service = TokenService(window_s=0.1)
+    service = TokenService(window_s=window_s)
     await service.start(socket)
-    holder, waiter = _gate(socket, "holder"), _gate(socket, "waiter")
-    await holder.connect()
-    await waiter.connect()
+    gates = _gate(socket, first), _gate(socket, second)
     try:
+        for gate in gates:
+            await gate.connect()
+        yield gates
+    finally:
+        for gate in gates:
+            await gate.close()
+        await service.close()
+
+
+async def test_a_dead_gate_gives_its_share_back(tmp_path: Path) -> None:
+    async with two_gates(tmp_path, 0.1, "holder", "waiter") as (holder, waiter):
         await holder.__aenter__()  # a request of the holder is running: it has the token
         entered = asyncio.Event()
 
@@ -39,9 +54,6 @@ async def test_a_dead_gate_gives_its_share_back(tmp_path: Path) -> None:
         await holder.close()  # the holder's process dies with its request unfinished
         await asyncio.wait_for(entered.wait(), 1.0)
         await task
-    finally:
-        await waiter.close()
-        await service.close()
 
 
 async def test_the_gate_answers_503_without_its_token_service_and_recovers(
@@ -91,13 +103,7 @@ async def test_connecting_to_no_service_is_a_clear_error(tmp_path: Path) -> None
 async def test_a_busy_gate_keeps_its_token_across_windows_until_a_neighbour_waits(
     tmp_path: Path,
 ) -> None:
-    socket = tmp_path / "tokens.sock"
-    service = TokenService(window_s=0.02)
-    await service.start(socket)
-    busy, neighbour = _gate(socket, "busy"), _gate(socket, "neighbour")
-    await busy.connect()
-    await neighbour.connect()
-    try:
+    async with two_gates(tmp_path, 0.02, "busy", "neighbour") as (busy, neighbour):
         await busy.__aenter__()  # a long request, running across many windows
         await asyncio.sleep(0.05)
         # Its lease ran out long ago, but nobody else wants the GPU: a second request starts
@@ -118,7 +124,3 @@ async def test_a_busy_gate_keeps_its_token_across_windows_until_a_neighbour_wait
         await neighbour.__aexit__(None, None, None)
         await asyncio.wait_for(third, 0.5)
         await busy.__aexit__(None, None, None)
-    finally:
-        await busy.close()
-        await neighbour.close()
-        await service.close()
