@@ -162,12 +162,13 @@ def test_weights_of_another_model_stop_the_load(handler: ModuleType, tmp_path: P
 
 def test_a_batch_answers_each_request_as_if_it_came_alone(handler: ModuleType) -> None:
     first, second = jpeg(picture()), png(picture(3, 240, 320))
-    bodies = [first, b"hello", second, first]
+    bodies = [first, b"hello", second, first, jpeg(picture(3, 64, 64))[:200]]
 
     answers = handler.handle_batch([SimpleNamespace(body=body) for body in bodies], None)
 
-    assert [answer["statusCode"] for answer in answers] == [200, 400, 200, 200]
+    assert [answer["statusCode"] for answer in answers] == [200, 400, 200, 200, 400]
     assert "not a JPEG or PNG image" in answers[1]["body"]["error"]
+    assert "the JPEG image cannot be decoded" in answers[4]["body"]["error"]
     assert answers[0] == answers[3]
     for answer, body in zip(answers, bodies, strict=True):
         if answer["statusCode"] == 200:
@@ -177,3 +178,39 @@ def test_a_batch_answers_each_request_as_if_it_came_alone(handler: ModuleType) -
             for mine, theirs in zip(together, alone, strict=True):
                 assert mine["probability"] == pytest.approx(theirs["probability"], rel=0.02)
     assert answers[0]["body"] != answers[2]["body"]
+
+
+def smooth_picture(height: int = 300, width: int = 400) -> Any:
+    """A colour image of gradients, as photographs mostly are (JPEG's chroma subsampling loses
+    the detail of noise, differently in each decoder)."""
+    rows = torch.linspace(0, 255, height).view(1, height, 1).expand(1, height, width)
+    columns = torch.linspace(0, 255, width).view(1, 1, width).expand(1, height, width)
+    return torch.cat([rows, columns, (rows + columns) / 2]).to(torch.uint8)
+
+
+def test_a_jpeg_decodes_alike_on_every_device(handler: ModuleType) -> None:
+    body = jpeg(smooth_picture())
+
+    (image,) = handler.decode([body])
+    reference = handler.decode_on_cpu(body, "JPEG")
+
+    assert image.device.type == handler.DEVICE.type
+    assert image.dtype == torch.uint8
+    assert image.shape == reference.shape == (3, 300, 400)
+    difference = (image.cpu().int() - reference.int()).abs()
+    assert difference.float().mean() < 1.0
+    assert difference.max() <= 8
+
+
+def test_a_jpeg_the_decoder_refuses_leaves_its_batch_mates_as_they_were(
+    handler: ModuleType,
+) -> None:
+    good, broken = jpeg(picture()), jpeg(picture(3, 64, 64))[:200]
+
+    together = handler.decode([good, broken, good])
+    (alone,) = handler.decode([good])
+
+    assert torch.equal(together[0], alone)
+    assert torch.equal(together[2], alone)
+    assert isinstance(together[1], ValueError)
+    assert "the JPEG image cannot be decoded" in str(together[1])

@@ -2,13 +2,16 @@
 
 The model loads once, at import: in fp16 and channels_last on CUDA when there is a GPU, else
 in fp32 on the CPU; weights from the state_dict file named by RESNET50_WEIGHTS (saved with
-torch.save), else from a seeded random initialisation. One forward pass at import warms it.
+torch.save), else from a seeded random initialisation. One image classified at import warms
+the decoders and the model.
 Request: a JPEG or PNG image as the body; response: `{"top5": [{"class": index, "label": name,
 "probability": p}, ...]}`, most probable first, or 400 with `{"error": what to fix}`.
-Resizing runs on the GPU. fast-gshare's runtime calls `handle_batch` with the requests that
-arrived together and classifies them in one forward pass; `handle` serves one request where a
-runtime knows only that. RESNET50_BATCH=N (default 1) runs each image as N copies, to make a
-request saturate a GPU share in sharing experiments.
+On a GPU, JPEGs are decoded there (nvJPEG, a batch at once) and every image is resized
+there, which leaves the CPU, shared by the replicas on that GPU, little to do. fast-gshare's
+runtime calls `handle_batch` with the requests that arrived together and classifies them in one
+forward pass; `handle` serves one request where a runtime knows only that. RESNET50_BATCH=N
+(default 1) runs each image as N copies, to make a request saturate a GPU share in sharing
+experiments.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.transforms.v2 import functional as tf
 
@@ -57,30 +60,88 @@ def load_model(path: str | None) -> nn.Module:
     return model.eval().to(DEVICE, DTYPE, memory_format=torch.channels_last)
 
 
-def preprocess(body: bytes) -> torch.Tensor:
-    """The image in `body` as BATCH normalised (3, 224, 224) copies on DEVICE; ValueError
-    saying what to fix when it is not a JPEG or PNG image."""
+def image_kind(body: bytes) -> str:
+    """The body's image format, JPEG or PNG, from its first bytes; ValueError saying what to fix
+    when it is neither."""
     if not body:
         raise ValueError(f"the body is empty; {SEND}")
     kind = next((name for magic, name in SIGNATURES.items() if body.startswith(magic)), None)
     if kind is None:
         raise ValueError(f"the body is not a JPEG or PNG image; {SEND}")
-    data = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+    return kind
+
+
+def decode_on_cpu(body: bytes, kind: str) -> torch.Tensor:
+    """The `kind` image in `body` as a uint8 (3, H, W) RGB tensor on the CPU; ValueError naming
+    the decoder's complaint when it cannot be decoded."""
     try:
-        image = decode_image(data, ImageReadMode.RGB)
+        return decode_image(torch.frombuffer(bytearray(body), dtype=torch.uint8), ImageReadMode.RGB)
     except RuntimeError as error:
         reason = SOURCE_PREFIX.sub("", str(error))
         raise ValueError(f"the {kind} image cannot be decoded ({reason}); {SEND}") from None
-    image = image.to(DEVICE)
-    image = tf.center_crop(tf.resize(image, [RESIZE], antialias=True), [CROP, CROP])
-    batch = tf.to_dtype(image.unsqueeze(0), torch.float32, scale=True)
-    batch = tf.normalize(batch, MEAN, STD).expand(BATCH, -1, -1, -1)
-    return batch.to(DTYPE).contiguous(memory_format=torch.channels_last)
+
+
+def decode_on_gpu(bodies: list[bytes]) -> list[torch.Tensor | None]:
+    """The JPEG images in `bodies` as uint8 (3, H, W) RGB tensors on DEVICE, decoded together
+    by nvJPEG; None for each one it cannot decode."""
+    data = [torch.frombuffer(bytearray(body), dtype=torch.uint8) for body in bodies]
+    try:
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=DEVICE))
+    except RuntimeError:  # one JPEG it cannot decode fails them all: each alone, then
+        if len(bodies) == 1:
+            return [None]
+        return [image for body in bodies for image in decode_on_gpu([body])]
+
+
+def decode(bodies: list[bytes]) -> list[torch.Tensor | ValueError]:
+    """Each body's image as a uint8 (3, H, W) RGB tensor on DEVICE, or the ValueError that says
+    what is wrong with it. On CUDA the JPEGs are decoded together on the GPU, which spares the
+    CPU that the replicas sharing a GPU also share; PNGs, and JPEGs that the GPU decoder
+    refuses, are decoded on the CPU, whose decoder names what is wrong."""
+    decoded: dict[int, torch.Tensor | ValueError] = {}
+    pending: dict[int, str] = {}  # position -> kind of the images still to decode
+    for position, body in enumerate(bodies):
+        try:
+            pending[position] = image_kind(body)
+        except ValueError as error:
+            decoded[position] = error
+    jpegs = [position for position, kind in pending.items() if kind == "JPEG"]
+    if DEVICE.type == "cuda" and jpegs:
+        for position, image in zip(jpegs, decode_on_gpu([bodies[p] for p in jpegs]), strict=True):
+            if image is not None:
+                decoded[position] = image
+                del pending[position]
+    for position, kind in pending.items():
+        try:
+            decoded[position] = decode_on_cpu(bodies[position], kind).to(DEVICE)
+        except ValueError as error:
+            decoded[position] = error
+    return [decoded[position] for position in range(len(bodies))]
+
+
+def prepare(images: list[torch.Tensor]) -> torch.Tensor:
+    """Decoded images as one batch for the model: each resized (shorter side 256) and
+    center-cropped to 224 x 224, normalised, BATCH copies of each, DTYPE, channels_last."""
+    crops = [
+        tf.center_crop(tf.resize(image, [RESIZE], antialias=True), [CROP, CROP]) for image in images
+    ]
+    batch = tf.normalize(tf.to_dtype(torch.stack(crops), torch.float32, scale=True), MEAN, STD)
+    batch = batch.repeat_interleave(BATCH, dim=0).to(DTYPE)
+    return batch.contiguous(memory_format=torch.channels_last)
+
+
+def preprocess(body: bytes) -> torch.Tensor:
+    """The image in `body` as a batch of BATCH normalised (3, 224, 224) copies on DEVICE;
+    ValueError saying what to fix when it is not a JPEG or PNG image."""
+    (image,) = decode([body])
+    if isinstance(image, ValueError):
+        raise image
+    return prepare([image])
 
 
 def classify(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
     """The TOP_K most probable ImageNet classes of every BATCH-th image in `batch` (one list
-    per image that `preprocess` gave)."""
+    per image given to `prepare`)."""
     with torch.inference_mode():
         probabilities = MODEL(batch)[::BATCH].float().softmax(dim=1)
         top = probabilities.topk(TOP_K, dim=1)
@@ -94,23 +155,21 @@ def classify(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
 
 
 MODEL = load_model(os.environ.get("RESNET50_WEIGHTS"))
-classify(torch.zeros(BATCH, 3, CROP, CROP, device=DEVICE, dtype=DTYPE))
+classify(preprocess(encode_jpeg(torch.zeros(3, CROP, CROP, dtype=torch.uint8)).numpy().tobytes()))
 
 
 def handle_batch(events: list[Any], context: Any) -> list[dict[str, Any]]:
     """Classify the image in each event's body, all in one forward pass; 400 with an
     explanation for a body that is not an image."""
-    answers: list[dict[str, Any]] = [{} for _ in events]
-    images: dict[int, torch.Tensor] = {}
-    for position, event in enumerate(events):
-        try:
-            images[position] = preprocess(event.body)
-        except ValueError as error:
-            answers[position] = {"statusCode": 400, "body": {"error": str(error)}}
-    if images:
-        batch = torch.cat(list(images.values())).contiguous(memory_format=torch.channels_last)
-        top5s = classify(batch)
-        for position, top5 in zip(images, top5s, strict=True):
+    images = decode([event.body for event in events])
+    answers: list[dict[str, Any]] = [
+        {"statusCode": 400, "body": {"error": str(image)}} if isinstance(image, ValueError) else {}
+        for image in images
+    ]
+    good = [position for position, image in enumerate(images) if not isinstance(image, ValueError)]
+    if good:
+        top5s = classify(prepare([images[position] for position in good]))
+        for position, top5 in zip(good, top5s, strict=True):
             answers[position] = {"statusCode": 200, "body": {"top5": top5}}
     return answers
 
