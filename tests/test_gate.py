@@ -124,3 +124,35 @@ async def test_a_busy_gate_keeps_its_token_across_windows_until_a_neighbour_wait
         await neighbour.__aexit__(None, None, None)
         await asyncio.wait_for(third, 0.5)
         await busy.__aexit__(None, None, None)
+
+
+async def test_an_idle_gate_keeps_its_token_until_a_neighbour_needs_the_room(
+    tmp_path: Path,
+) -> None:
+    async with two_gates(tmp_path, 1.0, "idler", "neighbour") as (idler, neighbour):
+        asked: list[str] = []
+        ask = idler._ask
+
+        async def counted(op: str) -> float:
+            asked.append(op)
+            return await ask(op)
+
+        idler._ask = counted  # type: ignore[method-assign]
+        async with idler:
+            pass
+        await asyncio.sleep(0.05)  # idle well past its linger
+        async with idler:
+            pass
+        assert asked == ["acquire"], "the second request ran on the token kept while idle"
+        await asyncio.sleep(0.05)
+
+        # 100% + 100% of the SMs: the neighbour's turn needs the idle gate's token.
+        await asyncio.wait_for(neighbour.__aenter__(), 0.5)
+        following = asyncio.create_task(idler.__aenter__())
+        await asyncio.sleep(0.05)
+        assert not following.done(), "the token went to the neighbour"
+        assert asked == ["acquire", "acquire"]
+        await neighbour.__aexit__(None, None, None)
+        await asyncio.sleep(0.05)  # the neighbour idles: now it is asked to yield
+        await asyncio.wait_for(following, 0.5)
+        await idler.__aexit__(None, None, None)

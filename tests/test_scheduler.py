@@ -144,6 +144,60 @@ def test_a_lease_is_renewed_while_nobody_else_could_run() -> None:
     assert scheduler.renew("neighbour", 0.13) is None, "only a holder renews"
 
 
+def test_an_idle_holder_keeps_its_token_and_is_not_charged_while_idle() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("a", 60, 1.0, 1.0)
+    scheduler.register("b", 60, 1.0, 1.0)
+    scheduler.want("a", 0.0)
+    assert [g.client for g in scheduler.schedule(0.0)] == ["a"]
+    scheduler.idle("a", 0.01)
+    assert scheduler.used("a", 0.05) == pytest.approx(0.01)
+    # Idle across two windows' ends: nothing charged, so nothing left once the debt-free
+    # windows have passed (held busy all along it would owe 70 ms in this window).
+    assert scheduler.used("a", 0.25) == 0.0
+    scheduler.busy("a", 0.25)
+    assert scheduler.used("a", 0.27) == pytest.approx(0.02)
+    assert scheduler.in_the_way(0.27) == [], "nobody waits"
+    scheduler.idle("a", 0.28)
+    scheduler.want("b", 0.28)
+    assert scheduler.schedule(0.28) == [], "the idle holder still keeps its room"
+
+
+def test_idle_holders_in_the_way_of_a_waiting_client_are_asked_to_yield() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("idle", 40, 1.0, 1.0)
+    scheduler.register("busy", 30, 1.0, 1.0)
+    scheduler.register("waiter", 50, 1.0, 1.0)
+    for client in ("idle", "busy"):
+        scheduler.want(client, 0.0)
+    assert len(scheduler.schedule(0.0)) == 2
+    scheduler.idle("idle", 0.01)
+    scheduler.want("waiter", 0.02)
+    assert scheduler.schedule(0.02) == []
+    assert scheduler.in_the_way(0.02) == ["idle"], "busy holders finish their work first"
+    scheduler.busy("idle", 0.021)  # it ran again before it read the request to yield
+    assert scheduler.in_the_way(0.021) == []
+    scheduler.idle("idle", 0.03)
+    assert scheduler.in_the_way(0.03) == ["idle"]
+    scheduler.release("idle", 0.031)
+    assert [g.client for g in scheduler.schedule(0.031)] == ["waiter"]
+
+
+def test_a_waiter_without_budget_does_not_move_idle_holders() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("idle", 100, 1.0, 1.0)
+    scheduler.register("spent", 100, 0.1, 0.1)
+    scheduler.want("spent", 0.0)
+    scheduler.schedule(0.0)
+    scheduler.release("spent", 0.01)  # its 10 ms of this window are used
+    scheduler.want("idle", 0.01)
+    scheduler.schedule(0.01)
+    scheduler.idle("idle", 0.02)
+    scheduler.want("spent", 0.03)
+    assert scheduler.in_the_way(0.03) == [], "it could not run before the next window anyway"
+    assert scheduler.in_the_way(0.1) == ["idle"], "a new window: now it could"
+
+
 def test_bad_shares_are_refused() -> None:
     scheduler = QuotaScheduler(WINDOW)
     for sm, request, limit in ((0, 0.5, 1.0), (50, 0.6, 0.5), (50, 0.0, 1.0), (101, 1, 1)):

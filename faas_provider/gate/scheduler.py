@@ -9,7 +9,9 @@ A lease ends at the window's end or when the client's current budget (request, t
 spent; work that runs on past it is charged all the same, and what a window's charge exceeds
 the limit by is carried into the next window as debt. A holder whose lease ran out may renew
 it without giving the token back while its budget allows and no one else can be served: then
-its replica never stalls at a window's edge.
+its replica never stalls at a window's edge. A holder may also go idle and keep its token,
+uncharged, so that its next request needs no new grant; when a client with budget waits for
+the room an idle holder keeps, `in_the_way` names it, to be asked for its token back.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class _Client:
     limit: float
     used_s: float = 0.0
     waiting_since: float | None = None
-    held_since: float | None = None
+    holding: bool = False
+    busy_since: float | None = None  # holding and charged since; None while it idles
 
 
 @dataclass(frozen=True)
@@ -64,21 +67,35 @@ class QuotaScheduler:
         """The client asks for a token (it is granted by a later `schedule`)."""
         self._roll(now)
         state = self._clients[client]
-        if state.held_since is None and state.waiting_since is None:
+        if not state.holding and state.waiting_since is None:
             state.waiting_since = now
 
     def release(self, client: str, now: float) -> None:
-        """The client gives its token back; the time it held it is charged."""
+        """The client gives its token back; the time it held it busy is charged."""
+        self.idle(client, now)
+        state = self._clients.get(client)
+        if state is not None:
+            state.holding = False
+
+    def idle(self, client: str, now: float) -> None:
+        """The holder has no work running: it keeps its token, and its room, uncharged."""
         self._roll(now)
         state = self._clients.get(client)
-        if state is not None and state.held_since is not None:
-            state.used_s += now - state.held_since
-            state.held_since = None
+        if state is not None and state.busy_since is not None:
+            state.used_s += now - state.busy_since
+            state.busy_since = None
+
+    def busy(self, client: str, now: float) -> None:
+        """An idle holder runs work again: its time is charged from `now`."""
+        self._roll(now)
+        state = self._clients.get(client)
+        if state is not None and state.holding and state.busy_since is None:
+            state.busy_since = now
 
     def schedule(self, now: float) -> list[Grant]:
         """Grant tokens to waiting clients as priority and free SMs allow."""
         self._roll(now)
-        holders = [c for c in self._clients.values() if c.held_since is not None]
+        holders = [c for c in self._clients.values() if c.holding]
         free_sm = 100 - sum(c.sm_percent for c in holders)
         guaranteed: list[tuple[float, float, str]] = []
         best_effort: list[tuple[float, float, str]] = []
@@ -100,22 +117,35 @@ class QuotaScheduler:
             assert lease_end is not None  # it is in a tier: it has budget
             free_sm -= state.sm_percent
             state.waiting_since = None
-            state.held_since = now
+            state.holding, state.busy_since = True, now
             grants.append(Grant(name, lease_end))
         return grants
+
+    def in_the_way(self, now: float) -> list[str]:
+        """The idle holders to ask for their tokens back: all of them while a client that has
+        budget waits (after `schedule`, it waits for room)."""
+        self._roll(now)
+        blocked = any(
+            state.waiting_since is not None
+            and self._lease_end(state, state.used_s, now) is not None
+            for state in self._clients.values()
+        )
+        if not blocked:
+            return []
+        return [name for name, c in self._clients.items() if c.holding and c.busy_since is None]
 
     def renew(self, client: str, now: float) -> Grant | None:
         """A new lease for a holder whose lease ran out, without giving its token back; None
         (it must release) when its budget is spent or another client could be served."""
         self._roll(now)
         state = self._clients.get(client)
-        if state is None or state.held_since is None:
+        if state is None or not state.holding:
             return None
         for other in self._clients.values():
             could_run = self._lease_end(other, other.used_s, now) is not None
             if other.waiting_since is not None and could_run:
                 return None  # someone who could run now waits: the holder steps aside
-        lease_end = self._lease_end(state, state.used_s + now - state.held_since, now)
+        lease_end = self._lease_end(state, self._charged(state, now), now)
         return Grant(client, lease_end) if lease_end is not None else None
 
     def waiting(self) -> bool:
@@ -133,21 +163,25 @@ class QuotaScheduler:
     def used(self, client: str, now: float) -> float:
         """Seconds charged to `client` in the current window so far, debt and holding included."""
         self._roll(now)
-        state = self._clients[client]
-        held = now - state.held_since if state.held_since is not None else 0.0
-        return state.used_s + held
+        return self._charged(self._clients[client], now)
+
+    @staticmethod
+    def _charged(state: _Client, now: float) -> float:
+        busy = now - state.busy_since if state.busy_since is not None else 0.0
+        return state.used_s + busy
 
     def _roll(self, now: float) -> None:
-        """Close every window that ended by `now`: charge holders up to its end, carry debt."""
+        """Close every window that ended by `now`: charge busy holders up to its end, carry
+        debt."""
         while now >= self.window_end:
             end = self.window_end
-            holders = False
+            busy = False
             for state in self._clients.values():
-                if state.held_since is not None:
-                    state.used_s += end - state.held_since
-                    state.held_since = end
-                    holders = True
-            windows = 1 if holders else int((now - end) // self.window_s) + 1
+                if state.busy_since is not None:
+                    state.used_s += end - state.busy_since
+                    state.busy_since = end
+                    busy = True
+            windows = 1 if busy else int((now - end) // self.window_s) + 1
             for state in self._clients.values():
                 state.used_s = max(0.0, state.used_s - windows * state.limit * self.window_s)
             self._windows += windows

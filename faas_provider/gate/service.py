@@ -5,7 +5,10 @@ The protocol is JSON lines on one connection per gate. The gate's first line reg
 `{"op": "acquire"}` is answered `{"lease_s": 0.087}` once a token is granted,
 `{"op": "renew"}` from a holder whose lease ran out is answered at once, `{"lease_s": 0.1}`
 to keep the token or `{"lease_s": 0}` to give it back, and `{"op": "release"}` returns it
-(no answer). A closed connection returns its token and removes
+(no answer). `{"op": "idle"}` says the holder runs nothing now and keeps its token, uncharged;
+`{"op": "busy"}` that it runs again (no answer to either). While a client that could run waits
+for the room idle holders keep, the service sends each of them `{"op": "yield"}`: a gate still
+idle when it reads that releases its token. A closed connection returns its token and removes
 the client, so a gate that dies frees its share. The local backend runs this service inside
 the provider; on Kubernetes the node agent runs it.
 """
@@ -80,6 +83,10 @@ class TokenService:
                     writer.write(b'{"lease_s": %.6f}\n' % lease)
                 elif op == "release":
                     scheduler.release(client, _now())
+                elif op == "idle":
+                    scheduler.idle(client, _now())
+                elif op == "busy":
+                    scheduler.busy(client, _now())
                 self._kick(gpu)
         except (ValueError, KeyError, TypeError) as error:
             log.warning("token service: bad message from a gate: %s", error)
@@ -94,7 +101,8 @@ class TokenService:
             writer.close()
 
     def _kick(self, gpu: str) -> None:
-        """Hand out what tokens can be granted now; look again when the window ends."""
+        """Hand out what tokens can be granted now, ask idle holders in the way of a waiting
+        client to yield theirs, and look again when the window ends."""
         scheduler = self._schedulers[gpu]
         now = _now()
         for grant in scheduler.schedule(now):
@@ -102,6 +110,10 @@ class TokenService:
             if writer is not None:
                 lease = max(0.0, grant.lease_end - now)
                 writer.write(b'{"lease_s": %.6f}\n' % lease)
+        for client in scheduler.in_the_way(now):
+            writer = self._writers.get((gpu, client))
+            if writer is not None:
+                writer.write(b'{"op": "yield"}\n')
         timer = self._timers.pop(gpu, None)
         if timer is not None:
             timer.cancel()
