@@ -205,16 +205,26 @@ async def test_a_killed_gate_is_restarted_with_its_replica(gpu_client: TestClien
     assert await (await gpu_client.post("/function/guarded", data=b"")).text() == "ok"
 
 
+async def on_fake_gpus(
+    aiohttp_client: Any, settings: Settings, functions_root: Path, count: int
+) -> tuple[TestClient, GpuPool]:
+    """The provider on `count` pretend real GPUs, each with the stand-in MPS control binary."""
+    devices = [
+        GpuDevice(index=i, uuid=f"GPU-fake-{i}", name="fake", memory_bytes=16 * 1024**3)
+        for i in range(count)
+    ]
+    fake = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
+    pool = GpuPool(devices, mps_binary=fake)
+    backend = LocalBackend(settings.state_dir, functions_root, gpus=pool)
+    return await aiohttp_client(create_app(backend, settings)), pool
+
+
 async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_request(
     aiohttp_client: Any, settings: Settings, functions_root: Path
 ) -> None:
     """With the stand-in MPS control binary on a (pretend) real GPU: the server reports a
     fatal fault, the replica on that GPU is replaced, a plain function answers throughout."""
-    device = GpuDevice(index=0, uuid="GPU-fake-0", name="fake", memory_bytes=16 * 1024**3)
-    fake = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
-    pool = GpuPool([device], mps_binary=fake)
-    backend = LocalBackend(settings.state_dir, functions_root, gpus=pool)
-    client = await aiohttp_client(create_app(backend, settings))
+    client, pool = await on_fake_gpus(aiohttp_client, settings, functions_root, 1)
     annotations = {"fastgshare/gpu_sm_partition": "50", "fastgshare/gpu_mem": "1.5Gi"}
     assert await faas_cli_deploy(client, {**STEER, "annotations": annotations}) == 202
     assert await faas_cli_deploy(client, ECHO) == 202
@@ -247,6 +257,44 @@ async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_reque
     assert lost == 0 and answered > 10, "a plain function must not lose a request"
     logs = await (await client.get("/system/logs?name=steer")).text()
     assert "restarting" in logs
+
+
+async def test_an_mps_fault_on_one_gpu_leaves_another_gpus_replicas_serving(
+    aiohttp_client: Any, settings: Settings, functions_root: Path
+) -> None:
+    client, pool = await on_fake_gpus(aiohttp_client, settings, functions_root, 2)
+    big = {"fastgshare/gpu_sm_partition": "60"}  # two of them do not fit on one GPU
+    names = ("first", "second")
+    for name in names:
+        assert await faas_cli_deploy(client, {**STEER, "service": name, "annotations": big}) == 202
+    for name in names:
+        await wait_available(client, name)
+    pids = {}
+    for name in names:
+        pids[name] = (await (await client.post(f"/function/{name}", data=b"")).json())["pid"]
+    gpus = {name: _environment(pid)["CUDA_VISIBLE_DEVICES"] for name, pid in pids.items()}
+    assert sorted(gpus.values()) == ["GPU-fake-0", "GPU-fake-1"]
+    (faulty,) = (name for name, gpu in gpus.items() if gpu == "GPU-fake-0")
+    (other,) = set(names) - {faulty}
+    daemon = pool.daemon(0)
+    assert daemon is not None
+
+    await daemon.command("start_server -uid 0")
+    await daemon.command("fake_fault")
+    loop = asyncio.get_running_loop()
+    faulted = loop.time()
+    answers: list[tuple[int, Any]] = []
+    recovered_after = None
+    while loop.time() - faulted < 15 and recovered_after is None:
+        answer = await client.post(f"/function/{other}", data=b"")
+        answers.append((answer.status, (await answer.json())["pid"] if answer.ok else None))
+        gpu = await client.post(f"/function/{faulty}", data=b"")
+        if gpu.status == 200 and (await gpu.json())["pid"] != pids[faulty]:
+            recovered_after = loop.time() - faulted
+        await asyncio.sleep(0.05)
+    assert recovered_after is not None, "the faulted GPU's replica was not recycled"
+    assert len(answers) > 10
+    assert answers == [(200, pids[other])] * len(answers), "the other GPU's replica is untouched"
 
 
 async def test_a_gpu_whose_mps_daemon_will_not_start_still_serves_by_time(
