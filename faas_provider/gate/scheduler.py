@@ -161,7 +161,7 @@ class QuotaScheduler:
         return None
 
     def used(self, client: str, now: float) -> float:
-        """Seconds charged to `client` in the current window so far, debt and holding included."""
+        """Seconds charged to `client` in the current window so far, debt and busy time included."""
         self._roll(now)
         return self._charged(self._clients[client], now)
 
