@@ -125,12 +125,7 @@ class QuotaScheduler:
         """The idle holders to ask for their tokens back: all of them while a client that has
         budget waits (after `schedule`, it waits for room)."""
         self._roll(now)
-        blocked = any(
-            state.waiting_since is not None
-            and self._lease_end(state, state.used_s, now) is not None
-            for state in self._clients.values()
-        )
-        if not blocked:
+        if not self._a_waiter_could_run(now):
             return []
         return [name for name, c in self._clients.items() if c.holding and c.busy_since is None]
 
@@ -141,16 +136,22 @@ class QuotaScheduler:
         state = self._clients.get(client)
         if state is None or not state.holding:
             return None
-        for other in self._clients.values():
-            could_run = self._lease_end(other, other.used_s, now) is not None
-            if other.waiting_since is not None and could_run:
-                return None  # someone who could run now waits: the holder steps aside
+        if self._a_waiter_could_run(now):
+            return None  # someone who could run now waits: the holder steps aside
         lease_end = self._lease_end(state, self._charged(state, now), now)
         return Grant(client, lease_end) if lease_end is not None else None
 
     def waiting(self) -> bool:
         """Whether some client waits for a token (then schedule again at `window_end`)."""
         return any(c.waiting_since is not None for c in self._clients.values())
+
+    def _a_waiter_could_run(self, now: float) -> bool:
+        """Whether a client that waits for a token has budget left in this window."""
+        return any(
+            state.waiting_since is not None
+            and self._lease_end(state, state.used_s, now) is not None
+            for state in self._clients.values()
+        )
 
     def _lease_end(self, state: _Client, used_s: float, now: float) -> float | None:
         """Until when a client that has used `used_s` may run: the rest of its request, else
