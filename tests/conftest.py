@@ -106,5 +106,15 @@ async def wait_available(
     raise AssertionError(f"{name} never reached {count} available replicas: {status}")
 
 
+async def wait_logged(client: TestClient, name: str, text: str) -> str:
+    """Poll the function's logs (every 50 ms, up to 5 s) until they hold `text`; the logs."""
+    for _ in range(100):
+        logs = await (await client.get(f"/system/logs?name={name}")).text()
+        if text in logs:
+            return logs
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the logs of {name} never said {text!r}: {logs[-2000:]}")
+
+
 ECHO = {"service": "echo", "image": "ghcr.io/fast-gshare/echo:latest", "envProcess": "cat"}
 STEER = {"service": "steer", "image": "example/steer:1"}

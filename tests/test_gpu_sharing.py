@@ -18,7 +18,7 @@ from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.settings import Settings
-from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available
+from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available, wait_logged
 
 WORK_S = 0.01
 SLEEPY = (
@@ -193,12 +193,7 @@ async def test_a_killed_gate_is_restarted_with_its_replica(gpu_client: TestClien
     endpoints = await (await gpu_client.get("/system/endpoints/guarded")).json()
     port = int(endpoints["urls"][0].rsplit(":", 1)[1])
     os.kill(_gate_pid("guarded"), signal.SIGKILL)
-    for _ in range(100):
-        logs = await (await gpu_client.get("/system/logs?name=guarded")).text()
-        if "restarting" in logs:
-            break
-        await asyncio.sleep(0.05)
-    assert "restarting" in logs
+    await wait_logged(gpu_client, "guarded", "restarting")
     await wait_available(gpu_client, "guarded")
     again = await (await gpu_client.get("/system/endpoints/guarded")).json()
     assert int(again["urls"][0].rsplit(":", 1)[1]) != port

@@ -8,7 +8,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from faas_provider.api.proxy import split_name
-from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available
+from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available, wait_logged
 
 # An fprocess that answers with the watchdog's request environment.
 ENV_DUMP = {"service": "envdump", "image": "example/envdump", "envProcess": "env"}
@@ -108,12 +108,7 @@ async def test_crash_mid_request_is_502_and_other_functions_keep_serving(
     assert "steer" in await crashed.text()
     assert set(await others) == {200}, "a crash of one function must not lose another's requests"
     # the restart shows in the logs, and the restarted replica serves again
-    for _ in range(100):
-        logs = await (await client.get("/system/logs?name=steer")).text()
-        if "restarting" in logs:
-            break
-        await asyncio.sleep(0.05)
-    assert "restarting" in logs
+    await wait_logged(client, "steer", "restarting")
     await wait_available(client, "steer")
     again = await client.post("/function/steer", data=b"")
     assert again.status == 200
