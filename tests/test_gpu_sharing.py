@@ -62,6 +62,9 @@ def shared(name: str, **annotations: str) -> dict[str, Any]:
         ({"fastgshare/gpu_quota_request": "-1"}, "fastgshare/gpu_quota_request"),
         ({"fastgshare/gpu_mem": "lots"}, "fastgshare/gpu_mem"),
         ({"fastgshare/gpu_mem": "64Gi"}, "fastgshare/gpu_mem"),  # more than any GPU here
+        # a misspelt key would deploy a plain function: refused, naming the known keys
+        ({"fastgshare/gpu_sm_partiton": "50"}, "fastgshare/gpu_sm_partition"),
+        ({"fastgshare/gpu_sm_partiton": "50"}, "fastgshare/gpu_sm_partiton"),
     ],
 )
 async def test_bad_sharing_requests_are_refused_naming_the_annotation(
@@ -98,12 +101,28 @@ async def test_a_replica_that_fits_nowhere_waits_and_starts_when_room_frees(
     await asyncio.sleep(0.5)
     status = await (await gpu_client.get("/system/function/second")).json()
     assert (status["replicas"], status["availableReplicas"]) == (1, 0), "60 + 60 > 100: pending"
-    logs = await (await gpu_client.get("/system/logs?name=second")).text()
-    assert logs == "", "a pending replica has not started"
+    logs = await wait_logged(gpu_client, "second", "pending: GPU 0 has 40 of 100 SM-time left")
+    assert len(logs.splitlines()) == 1, "a pending replica has not started; said so once"
     deleted = await gpu_client.delete("/system/functions", json={"functionName": "first"})
     assert deleted.status == 202
     await wait_available(gpu_client, "second")
     assert await (await gpu_client.post("/function/second", data=b"")).text() == "ok"
+
+
+async def test_a_call_to_a_pending_function_says_why_it_waits(
+    aiohttp_client: Any, settings: Settings, functions_root: Path
+) -> None:
+    (functions_root / "sleepy").mkdir()
+    (functions_root / "sleepy" / "handler.py").write_text(SLEEPY)
+    gpus = GpuPool([VIRTUAL], window_s=0.1)
+    backend = LocalBackend(settings.state_dir, functions_root, startup_wait_s=0.5, gpus=gpus)
+    client = await aiohttp_client(create_app(backend, settings))
+    assert await faas_cli_deploy(client, shared("first", sm_partition="70")) == 202
+    await wait_available(client, "first")
+    assert await faas_cli_deploy(client, shared("second", sm_partition="70")) == 202
+    response = await client.post("/function/second", data=b"")
+    assert response.status == 503
+    assert "1 pending, GPU 0 has 30 of 100 SM-time left" in await response.text()
 
 
 async def test_scaling_down_drops_pending_replicas_first(gpu_client: TestClient) -> None:

@@ -5,7 +5,8 @@
 - fastgshare/gpu_quota_limit: most of each window it may use, r <= l <= 1 (default 1)
 - fastgshare/gpu_mem: GPU memory cap, bytes or a quantity such as 4Gi or 500M (default: none)
 
-A function with none of them and no `nvidia.com/gpu` limit is a plain function. A limit of
+Any other `fastgshare/` key is refused (a misspelt one would otherwise deploy a plain
+function). A function with none of them and no `nvidia.com/gpu` limit is a plain function. A limit of
 `nvidia.com/gpu: 1` means a whole GPU, alone. Its footprint on a GPU is its SM share times its
 guaranteed time share (`sm_percent * quota_request`): what placement packs up to 100 per GPU.
 """
@@ -23,6 +24,7 @@ QUOTA_REQUEST = "fastgshare/gpu_quota_request"
 QUOTA_LIMIT = "fastgshare/gpu_quota_limit"
 GPU_MEMORY = "fastgshare/gpu_mem"
 ANNOTATIONS = (SM_PARTITION, QUOTA_REQUEST, QUOTA_LIMIT, GPU_MEMORY)
+PREFIX = "fastgshare/"
 
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$")
 _UNITS = {
@@ -67,6 +69,12 @@ def gpu_share(deployment: FunctionDeployment) -> GpuShare | None:
     """The function's GPU request, None for a plain function; InvalidRequest naming the
     annotation for a bad value."""
     annotations = deployment.annotations
+    unknown = sorted(k for k in annotations if k.startswith(PREFIX) and k not in ANNOTATIONS)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown annotation(s) {', '.join(unknown)}: the {PREFIX} annotations are "
+            f"{', '.join(ANNOTATIONS)}"
+        )
     given = [name for name in ANNOTATIONS if name in annotations]
     whole = deployment.limits.gpu if deployment.limits else None
     if whole is not None:

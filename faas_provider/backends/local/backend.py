@@ -61,6 +61,7 @@ class LocalFunction:
     replicas: list[Replica] = field(default_factory=list)
     retiring: list[Replica] = field(default_factory=list)
     pending: int = 0  # wanted replicas that no GPU has room for yet
+    pending_reason: str | None = None  # why they wait, while they do
     next_index: int = 0
     rollout: asyncio.Task[None] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -345,8 +346,7 @@ class LocalBackend:
         if function.share is not None:
             placement = self._gpus.place(_placement_key(deployment, instance), function.share)
             if isinstance(placement, str):
-                where = f"{deployment.service}.{deployment.namespace}"
-                log.info("a replica of %s is pending: %s", where, placement)
+                self._report_pending(function, instance, placement)
                 return None
             env = {**spec.env, **placement.env}
             spec = LaunchSpec(spec.argv, env, spec.cwd, placement.gate_argv)
@@ -363,6 +363,17 @@ class LocalBackend:
         replica.start()
         return replica
 
+    def _report_pending(self, function: LocalFunction, instance: str, reason: str) -> None:
+        """Say why a replica waits for GPU room, in the provider's log and the function's own
+        log stream (what `faas-cli logs` shows), once per new reason."""
+        if reason == function.pending_reason:
+            return
+        function.pending_reason = reason
+        deployment = function.deployment
+        where = f"{deployment.service}.{deployment.namespace}"
+        log.info("a replica of %s is pending: %s", where, reason)
+        self._logs.append(deployment.service, deployment.namespace, instance, f"pending: {reason}")
+
     def _reconcile(self, function: LocalFunction) -> None:
         """Start, stop or mark pending replicas until the current set has the desired count."""
         desired = function.stored.replicas
@@ -377,6 +388,8 @@ class LocalBackend:
                 function.pending += 1
             else:
                 function.replicas.append(replica)
+        if not function.pending:
+            function.pending_reason = None
 
     async def _stop_replica(self, function: LocalFunction, replica: Replica) -> None:
         """Stop a replica for good, free its GPU room and start what was waiting for it."""
@@ -405,6 +418,8 @@ class LocalBackend:
                     break
                 function.pending -= 1
                 function.replicas.append(replica)
+            if not function.pending:
+                function.pending_reason = None
 
     def _roll(self, function: LocalFunction) -> None:
         """Replace every replica with one of the new spec; old ones serve until new are ready."""
@@ -444,6 +459,11 @@ class LocalBackend:
             lambda: bool(function.ready()) or function.stored.replicas == 0, self._startup_wait_s
         ) and (ready := function.ready()):
             return ready
+        if function.pending and function.pending_reason:
+            raise Unavailable(
+                f"no replica of function {where} is ready: {function.pending} pending, "
+                f"{function.pending_reason}"
+            )
         raise Unavailable(f"no replica of function {where} is ready")
 
     def _mount_dir(self, name: str, namespace: str) -> Path:
