@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -133,3 +134,16 @@ async def test_encoded_paths_and_queries_reach_the_function_as_sent(client: Test
     env = await response.text()
     assert "Http_Path=/files/a b?c" in env  # decoded, as Go's URL.Path is
     assert "Http_Query=q=x%26y&r=1" in env  # raw, as the watchdog passes it
+
+
+async def test_a_replica_that_exits_at_start_says_why(
+    client: TestClient, functions_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (functions_root / "needs-torch").mkdir()
+    (functions_root / "needs-torch" / "handler.py").write_text("import torch_not_here\n")
+    deployment = {"service": "needs-torch", "image": "example/needs-torch:1"}
+    assert await faas_cli_deploy(client, deployment) == 202
+    why = "ModuleNotFoundError: No module named 'torch_not_here'"
+    logs = await wait_logged(client, "needs-torch", f"replica exited (code 1: {why}); restarting")
+    assert why in logs
+    assert f"replica needs-torch-0 exited (code 1: {why}); restarting in" in caplog.text

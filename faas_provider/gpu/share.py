@@ -6,9 +6,10 @@
 - fastgshare/gpu_mem: GPU memory cap, bytes or a quantity such as 4Gi or 500M (default: none)
 
 Any other `fastgshare/` key is refused (a misspelt one would otherwise deploy a plain
-function). A function with none of them and no `nvidia.com/gpu` limit is a plain function. A limit of
-`nvidia.com/gpu: 1` means a whole GPU, alone. Its footprint on a GPU is its SM share times its
-guaranteed time share (`sm_percent * quota_request`): what placement packs up to 100 per GPU.
+function). A function with none of them and no `nvidia.com/gpu` limit is a plain function. A
+limit of `nvidia.com/gpu: 1` means a whole GPU, alone. Its footprint on a GPU is its SM share
+times its guaranteed time share (`sm_percent * quota_request`): what placement packs up to 100
+per GPU.
 """
 
 from __future__ import annotations

@@ -32,7 +32,10 @@ STABLE_AFTER_S = 30.0
 STOP_GRACE_S = 5.0
 _READ_BLOCK = 64 * 1024
 
+_LAST_LINE_WAIT_S = 1.0
+
 LineSink = Callable[[str, str], None]
+_Exit = tuple[int | None, str | None]  # exit code (None: never started) and last stderr line
 ChangeHook = Callable[[], None]
 
 
@@ -57,7 +60,7 @@ class Replica:
         self._healthy = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._exits: asyncio.Queue[int | None] = asyncio.Queue()
+        self._exits: asyncio.Queue[_Exit] = asyncio.Queue()
         self._helpers: set[asyncio.Task[None]] = set()
         self.restarts = 0
 
@@ -101,21 +104,20 @@ class Replica:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             started = loop.time()
-            code = await self._run_once()
+            code, last_line = await self._run_once()
             if self._stopping:
                 return
             if loop.time() - started >= STABLE_AFTER_S:
                 backoff = BACKOFF_FIRST_S
             self.restarts += 1
-            log.warning(
-                "replica %s exited (code %s); restarting in %.0f s", self.instance, code, backoff
-            )
-            self._on_line(self.instance, f"replica exited (code {code}); restarting")
+            why = f"code {code}: {last_line}" if last_line else f"code {code}"
+            log.warning("replica %s exited (%s); restarting in %.0f s", self.instance, why, backoff)
+            self._on_line(self.instance, f"replica exited ({why}); restarting")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _run_once(self) -> int | None:
-        """Run the runtime (and its gate) until one exits; return that exit code."""
+    async def _run_once(self) -> _Exit:
+        """Run the runtime (and its gate) until one exits; its exit code and last stderr line."""
         self._port = None
         self._exits = asyncio.Queue()
         try:
@@ -124,7 +126,7 @@ class Replica:
             return await self._exits.get()
         except OSError as error:
             log.error("replica %s could not start: %s", self.instance, error)
-            return None
+            return None, None
         finally:
             self._set_healthy(False)
             await self._terminate()
@@ -147,11 +149,22 @@ class Replica:
         log.info("%s %s started (pid %d)", what, self.instance, process.pid)
         assert process.stdout is not None and process.stderr is not None
         self._in_background(self._read(process.stdout, on_port))
-        self._in_background(self._read(process.stderr, None))
-        self._in_background(self._report_exit(process))
+        errors = asyncio.create_task(self._read(process.stderr, None))
+        self._in_background(self._report_exit(process, errors))
 
-    async def _report_exit(self, process: asyncio.subprocess.Process) -> None:
-        self._exits.put_nowait(await process.wait())
+    async def _report_exit(
+        self, process: asyncio.subprocess.Process, errors: asyncio.Task[str | None]
+    ) -> None:
+        """Queue the process's exit with the last line it wrote to stderr (its reader ends with
+        the pipe, unless a child of the process still holds it: then no line)."""
+        code = await process.wait()
+        try:
+            last_line = await asyncio.wait_for(asyncio.shield(errors), _LAST_LINE_WAIT_S)
+        except TimeoutError:
+            last_line = None
+        finally:
+            errors.cancel()
+        self._exits.put_nowait((code, last_line))
 
     def _in_background(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
@@ -169,7 +182,7 @@ class Replica:
             await self._spawn(argv, self._serving)
         except OSError as error:
             log.error("gate of %s could not start: %s", self.instance, error)
-            self._exits.put_nowait(None)
+            self._exits.put_nowait((None, None))
 
     def _serving(self, port: int) -> None:
         """The replica's front (runtime or gate) listens: check it until it is healthy."""
@@ -181,10 +194,12 @@ class Replica:
 
     async def _read(
         self, stream: asyncio.StreamReader, on_port: Callable[[int], None] | None
-    ) -> None:
-        """Pass the stream's lines on; reads in blocks, so a busy replica's per-request log
-        lines cost one wake-up for many, and a line of any length never stalls the pipe."""
+    ) -> str | None:
+        """Pass the stream's lines on until it ends; the last line that was not blank. Reads in
+        blocks, so a busy replica's per-request log lines cost one wake-up for many, and a line
+        of any length never stalls the pipe."""
         pending = b""
+        last: str | None = None
         while block := await stream.read(_READ_BLOCK):
             *lines, pending = (pending + block).split(b"\n")
             if len(pending) >= _READ_BLOCK:  # an overlong line is passed on in parts
@@ -196,8 +211,12 @@ class Replica:
                     on_port(int(match.group(1)))
                     on_port = None
                 self._on_line(self.instance, line)
+                last = line.strip() or last
         if pending:
-            self._on_line(self.instance, pending.decode(errors="replace"))
+            line = pending.decode(errors="replace")
+            self._on_line(self.instance, line)
+            last = line.strip() or last
+        return last
 
     async def _watch_health(self) -> None:
         """Mark the replica ready when /_/health answers 200; keep checking while it runs."""
