@@ -14,8 +14,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from faas_provider import __version__
 from faas_provider.api.app import create_app
-from faas_provider.api.worker import WorkerPool, serve_worker
+from faas_provider.api.worker import WorkerPool
 from faas_provider.backends.base import Backend, NotFound, ProviderError
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.backends.local.gpus import GpuPool
@@ -30,6 +31,7 @@ log = logging.getLogger("fast_gshare")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fast-gshare", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fast-gshare {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser(
         "up", help="run the provider with the local backend, deploying a stack file's functions"
@@ -70,14 +72,6 @@ def _parser() -> argparse.ArgumentParser:
         help="the time-quota scheduler's window, in ms (default 100)",
     )
     up.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
-    worker.add_argument("--control-socket", type=Path, required=True)
-    worker.add_argument("--host", required=True)
-    worker.add_argument("--port", type=int, required=True)
-    worker.add_argument("--parent-pid", type=int, required=True)
-    worker.add_argument("--basic-auth", action="store_true")
-    worker.add_argument("--secret-mount-path", type=Path, required=True)
-    worker.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -89,15 +83,6 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.command == "worker":
-        settings = Settings(
-            host=args.host,
-            port=args.port,
-            basic_auth=args.basic_auth,
-            secret_mount_path=args.secret_mount_path,
-        )
-        asyncio.run(serve_worker(settings, args.control_socket, args.parent_pid))
-        return
     functions_dir = args.functions_dir or (
         args.stack.parent / "functions" if args.stack else Path("functions")
     )
@@ -121,10 +106,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
-    gpus = GpuPool(discover_gpus(), window_s=settings.quota_window_s)
-    backend = LocalBackend(
-        settings.state_dir, settings.functions_dir, settings.startup_wait_s, gpus=gpus
-    )
     several = settings.workers > 1
     base = f"http://{settings.host}:{settings.port}"
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -136,6 +117,10 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
         raise SystemExit(
             f"fast-gshare: cannot listen on {base}: {error.strerror}; choose another --port"
         ) from None
+    gpus = GpuPool(discover_gpus(), window_s=settings.quota_window_s)
+    backend = LocalBackend(
+        settings.state_dir, settings.functions_dir, settings.startup_wait_s, gpus=gpus
+    )
     runner = web.AppRunner(create_app(backend, settings), access_log=None)
     try:
         await runner.setup()
@@ -145,8 +130,8 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
     await web.SockSite(runner, listener).start()
     log.info("provider listening on %s (local backend, state in %s)", base, settings.state_dir)
     workers: WorkerPool | None = None
+    control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{os.getpid()}.sock"
     if several:
-        control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{os.getpid()}.sock"
         await web.UnixSite(runner, str(control_socket)).start()
         control_socket.chmod(0o600)
         workers = WorkerPool(settings, control_socket, settings.workers - 1)
@@ -163,6 +148,7 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
         if workers is not None:
             await workers.stop()
         await runner.cleanup()
+        control_socket.unlink(missing_ok=True)
 
 
 async def _deploy_stack(backend: Backend, stack: list[FunctionDeployment], base: str) -> None:

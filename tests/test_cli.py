@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from faas_provider import __version__
 from tests.conftest import REPO
 
 
@@ -124,6 +126,18 @@ def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) ->
                 break
             time.sleep(0.2)
         assert alive and alive != workers
+    assert process.returncode == 0
+    control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{process.pid}.sock"
+    assert not control_socket.exists(), "a stopped provider leaves no socket behind"
+
+
+def test_help_lists_only_user_commands_and_version_prints() -> None:
+    command = [sys.executable, "-m", "faas_provider.cli"]
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True)
+    assert "{up}" in shown.stdout
+    assert "SUPPRESS" not in shown.stdout and "worker" not in shown.stdout
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"fast-gshare {__version__}"
 
 
 def test_up_on_a_busy_port_says_so_and_starts_nothing(tmp_path: Path) -> None:
@@ -132,9 +146,10 @@ def test_up_on_a_busy_port_says_so_and_starts_nothing(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         command = [sys.executable, "-m", "faas_provider.cli", "up", "--stack", "stack.yml"]
-        command += ["--port", str(port), "--state-dir", str(tmp_path)]
+        command += ["--port", str(port), "--state-dir", str(tmp_path / "state")]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
+    assert not (tmp_path / "state").exists(), "a refused start leaves no state directory"
     assert f"cannot listen on http://127.0.0.1:{port}" in done.stderr
     assert "--port" in done.stderr
     assert "Traceback" not in done.stderr

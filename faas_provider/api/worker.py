@@ -4,10 +4,12 @@ Workers share the provider's listening port (SO_REUSEPORT: the kernel spreads co
 across them). A worker proxies /function/* itself, resolving replicas through the provider's
 control socket with a short cache, and passes every other request through to the provider
 unchanged, so there is one backend, one state, one set of /system metrics and one auth check.
+The provider starts them (`python -m faas_provider.api.worker`); they are not a user command.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -110,8 +112,7 @@ class WorkerPool:
         self._argv = [
             sys.executable,
             "-m",
-            "faas_provider.cli",
-            "worker",
+            "faas_provider.api.worker",
             f"--control-socket={control_socket}",
             f"--host={settings.host}",
             f"--port={settings.port}",
@@ -144,3 +145,32 @@ class WorkerPool:
             code = await process.wait()
             log.warning("worker %d exited (code %s); restarting in 1 s", index + 1, code)
             await asyncio.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a worker process, as `WorkerPool` starts it."""
+    parser = argparse.ArgumentParser(prog="python -m faas_provider.api.worker")
+    parser.add_argument("--control-socket", type=Path, required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--basic-auth", action="store_true")
+    parser.add_argument("--secret-mount-path", type=Path, required=True)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    settings = Settings(
+        host=args.host,
+        port=args.port,
+        basic_auth=args.basic_auth,
+        secret_mount_path=args.secret_mount_path,
+    )
+    asyncio.run(serve_worker(settings, args.control_socket, args.parent_pid))
+
+
+if __name__ == "__main__":
+    main()
