@@ -49,6 +49,7 @@ from faas_provider.upstream import UpstreamPool
 log = logging.getLogger("fast_gshare.local")
 
 SCALE_MIN_LABEL = "com.openfaas.scale.min"
+FUNCTION_LABEL = "faas_function"  # on every function's status, as faas-netes labels its pods
 ROLLOUT_TIMEOUT_S = 120.0
 
 
@@ -325,7 +326,7 @@ class LocalBackend:
             envVars=deployment.env_vars,
             constraints=deployment.constraints,
             secrets=deployment.secrets,
-            labels=deployment.labels,
+            labels={**deployment.labels, FUNCTION_LABEL: deployment.service},
             annotations=deployment.annotations,
             limits=deployment.limits,
             requests=deployment.requests,
