@@ -133,3 +133,21 @@ async def test_encoded_paths_and_queries_reach_the_function_as_sent(client: Test
     env = await response.text()
     assert "Http_Path=/files/a b?c" in env  # decoded, as Go's URL.Path is
     assert "Http_Query=q=x%26y&r=1" in env  # raw, as the watchdog passes it
+
+
+async def test_a_handler_directory_serves_its_image_whatever_envprocess_names(
+    client: TestClient,
+) -> None:
+    # as the conformance suite deploys its golang-middleware redirector: the template's server
+    # in envProcess; functions/redirector stands in for the image, and its 302 is not followed
+    body = {
+        "service": "redirector-test",
+        "image": "docker.io/theaxer/redirector:latest",
+        "envProcess": "./handler",
+        "envVars": {"destination": "http://example.com"},
+    }
+    assert await faas_cli_deploy(client, body) == 202
+    await wait_available(client, "redirector-test")
+    answer = await client.get("/function/redirector-test", allow_redirects=False)
+    assert answer.status == 302
+    assert answer.headers["Location"] == "http://example.com"
