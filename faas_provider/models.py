@@ -116,8 +116,8 @@ class FunctionStatus(_Wire):
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars")
     constraints: list[str] | None = None
     secrets: list[str] | None = None
-    labels: dict[str, str] | None = None
-    annotations: dict[str, str] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
     limits: FunctionResources | None = None
     requests: FunctionResources | None = None
     read_only_root_filesystem: bool = Field(default=False, alias="readOnlyRootFilesystem")
@@ -128,9 +128,11 @@ class FunctionStatus(_Wire):
     usage: FunctionUsage | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        """As `_Wire.to_wire`, with empty maps and lists left out and createdAt in RFC 3339."""
+        """As `_Wire.to_wire`, createdAt in RFC 3339, `labels` and `annotations` always there
+        (`{}` when empty, as faas-netes sends them: clients dereference both), other empty
+        maps and lists left out."""
         wire = super().to_wire()
-        for key in ("envVars", "constraints", "secrets", "labels", "annotations"):
+        for key in ("envVars", "constraints", "secrets"):
             if not wire.get(key):
                 wire.pop(key, None)
         wire["createdAt"] = rfc3339(self.created_at)

@@ -41,10 +41,14 @@ async def test_faas_cli_deploy_put_then_post_and_status_shape(client: TestClient
     assert status["envProcess"] == "cat"
     assert status["replicas"] == 1
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", status["createdAt"])
-    for empty in ("labels", "annotations", "secrets", "envVars", "constraints"):
+    for empty in ("secrets", "envVars", "constraints"):
         assert empty not in status, f"empty {empty} must be left out"
+    # the conformance suite's client dereferences both; faas-netes always sends them
+    assert status["labels"] == {"faas_function": "echo"}
+    assert status["annotations"] == {}
     listed = await (await client.get("/system/functions?namespace=openfaas-fn")).json()
     assert [f["name"] for f in listed] == ["echo"]
+    assert listed[0]["labels"] == {"faas_function": "echo"} and listed[0]["annotations"] == {}
     # a second faas-cli deploy updates in place (PUT 202), a second POST is refused
     assert await faas_cli_deploy(client, ECHO) == 202
     again = await client.post("/system/functions", json=ECHO)
@@ -52,10 +56,23 @@ async def test_faas_cli_deploy_put_then_post_and_status_shape(client: TestClient
     assert "exists" in await again.text()
 
 
-async def test_status_of_unknown_function_is_404_with_empty_body(client: TestClient) -> None:
+async def test_status_of_unknown_function_is_404_naming_it(client: TestClient) -> None:
     response = await client.get("/system/function/nope?namespace=openfaas-fn&usage=false")
     assert response.status == 404
-    assert await response.read() == b""
+    assert await response.text() == "function nope not found in namespace openfaas-fn"
+
+
+async def test_faas_function_label_is_the_name_and_user_labels_are_kept(
+    client: TestClient,
+) -> None:
+    labels = {"canary_build": "true", "faas_function": "someone-else"}
+    assert await faas_cli_deploy(client, {**ECHO, "labels": labels}) == 202
+    status = await (await client.get("/system/function/echo")).json()
+    assert status["labels"] == {"canary_build": "true", "faas_function": "echo"}
+    # an update that drops the user's labels keeps the function's own
+    assert await faas_cli_deploy(client, ECHO) == 202
+    listed = await (await client.get("/system/functions")).json()
+    assert listed[0]["labels"] == {"faas_function": "echo"}
 
 
 @pytest.mark.parametrize(
@@ -181,7 +198,7 @@ async def test_scale_min_label_sets_replicas_at_deploy(client: TestClient) -> No
     assert await faas_cli_deploy(client, body) == 202
     status = await wait_available(client, "echo", 2)
     assert status["replicas"] == 2
-    assert status["labels"] == {"com.openfaas.scale.min": "2"}
+    assert status["labels"] == {"com.openfaas.scale.min": "2", "faas_function": "echo"}
 
 
 async def test_update_replaces_replicas_only_when_the_spec_changes(client: TestClient) -> None:

@@ -147,3 +147,21 @@ async def test_a_replica_that_exits_at_start_says_why(
     logs = await wait_logged(client, "needs-torch", f"replica exited (code 1: {why}); restarting")
     assert why in logs
     assert f"replica needs-torch-0 exited (code 1: {why}); restarting in" in caplog.text
+
+
+async def test_a_handler_directory_serves_its_image_whatever_envprocess_names(
+    client: TestClient,
+) -> None:
+    # as the conformance suite deploys its golang-middleware redirector: the template's server
+    # in envProcess; functions/redirector stands in for the image, and its 302 is not followed
+    body = {
+        "service": "redirector-test",
+        "image": "docker.io/theaxer/redirector:latest",
+        "envProcess": "./handler",
+        "envVars": {"destination": "http://example.com"},
+    }
+    assert await faas_cli_deploy(client, body) == 202
+    await wait_available(client, "redirector-test")
+    answer = await client.get("/function/redirector-test", allow_redirects=False)
+    assert answer.status == 302
+    assert answer.headers["Location"] == "http://example.com"

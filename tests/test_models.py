@@ -29,7 +29,7 @@ def test_deployment_accepts_nulls_unknown_fields_and_an_empty_namespace() -> Non
     assert deployment.limits is not None and deployment.limits.gpu == "1"
 
 
-def test_status_leaves_out_empty_fields_and_formats_created_at() -> None:
+def test_status_always_has_labels_and_annotations_and_leaves_out_other_empty_fields() -> None:
     status = FunctionStatus(
         name="echo",
         image="x",
@@ -49,6 +49,8 @@ def test_status_leaves_out_empty_fields_and_formats_created_at() -> None:
         "invocationCount": 0.0,
         "readOnlyRootFilesystem": False,
         "createdAt": "2026-01-02T03:04:05.600000Z",
+        "labels": {},
+        "annotations": {},
     }
 
 

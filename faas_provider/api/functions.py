@@ -6,7 +6,6 @@ from aiohttp import web
 
 from faas_provider.api.keys import BACKEND
 from faas_provider.api.params import dns_label, namespace_param, read_model
-from faas_provider.backends.base import NotFound
 from faas_provider.models import (
     DeleteFunctionRequest,
     FunctionDeployment,
@@ -43,12 +42,9 @@ async def delete(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    """GET /system/function/{name}: 404 with an empty body when unknown."""
+    """GET /system/function/{name}: 404 naming the function and namespace when unknown."""
     name = request.match_info["name"]
-    try:
-        function = await request.app[BACKEND].get_function(name, namespace_param(request))
-    except NotFound:
-        return web.Response(status=404)
+    function = await request.app[BACKEND].get_function(name, namespace_param(request))
     return web.json_response(function.to_wire())
 
 

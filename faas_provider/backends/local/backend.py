@@ -2,8 +2,8 @@
 
 State (functions, desired replica counts, namespaces, secrets) lives in the state directory and
 is restored on start. A function's secrets are written, mode 0600, to its own directory
-`<state>/mounts/<namespace>/<name>/secrets/`, whose path the replica gets as
-`secret_mount_path`; one machine has no per-process view of /var/openfaas/secrets.
+`<state>/mounts/<namespace>/<name>/secrets/`, which each replica sees at /var/openfaas/secrets
+where the machine allows (`secret_view`), and else at `$secret_mount_path` only.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.backends.local.launch import LaunchSpec, launch_spec
 from faas_provider.backends.local.logs import LogStore
 from faas_provider.backends.local.replica import HEALTH_TIMEOUT_S, Replica
+from faas_provider.backends.local.secret_view import (
+    SECRETS_PATH,
+    SecretProbe,
+    SecretView,
+    probe_secret_view,
+)
 from faas_provider.backends.local.state import (
     StateStore,
     StoredFunction,
@@ -49,6 +55,7 @@ from faas_provider.upstream import UpstreamPool
 log = logging.getLogger("fast_gshare.local")
 
 SCALE_MIN_LABEL = "com.openfaas.scale.min"
+FUNCTION_LABEL = "faas_function"  # on every function's status, as faas-netes labels its pods
 ROLLOUT_TIMEOUT_S = 120.0
 
 
@@ -97,7 +104,11 @@ class LocalBackend:
         functions_root: Path,
         startup_wait_s: float = 30.0,
         gpus: GpuPool | None = None,
+        probe_secrets: SecretProbe = probe_secret_view,
     ) -> None:
+        """`probe_secrets` says how replicas may see their secrets at /var/openfaas/secrets
+        on this machine, or why they cannot (then at `$secret_mount_path` only)."""
+        state_dir = state_dir.absolute()  # replicas run elsewhere and mount from it
         self._gpus = gpus or GpuPool(discover_gpus())
         self._gpus.on_fault = self._recycle_gpu
         self._store = StateStore(state_dir)
@@ -109,11 +120,23 @@ class LocalBackend:
         self._state = self._store.load()
         self._http = UpstreamPool(connect_timeout_s=HEALTH_TIMEOUT_S)  # replica health checks
         self._background: set[asyncio.Task[None]] = set()
+        self._probe_secrets = probe_secrets
+        self._secret_view: SecretView | None = None
 
     async def start(self) -> None:
         """Claim the state directory and start every stored function at its replica count."""
         self._store.claim()
         await self._gpus.start()
+        view = await self._probe_secrets(self._state_dir)
+        if isinstance(view, str):
+            log.warning(
+                "replicas read their secrets at $secret_mount_path only, not at %s: %s",
+                SECRETS_PATH,
+                view,
+            )
+        else:
+            self._secret_view = view
+            log.info("each replica sees its own function's secrets at %s", SECRETS_PATH)
         for key, stored in self._state.functions.items():
             function = LocalFunction(stored=stored, share=gpu_share(stored.deployment))
             self._functions[key] = function
@@ -326,7 +349,7 @@ class LocalBackend:
             envVars=deployment.env_vars,
             constraints=deployment.constraints,
             secrets=deployment.secrets,
-            labels=deployment.labels,
+            labels={**deployment.labels, FUNCTION_LABEL: deployment.service},
             annotations=deployment.annotations,
             limits=deployment.limits,
             requests=deployment.requests,
@@ -342,6 +365,8 @@ class LocalBackend:
         deployment = function.deployment
         mount = self._mount_dir(deployment.service, deployment.namespace)
         spec = launch_spec(deployment, self._functions_root, mount / "secrets", mount)
+        if self._secret_view is not None:
+            spec = self._secret_view.apply(spec, mount / "secrets")
         instance = f"{deployment.service}-{function.next_index}"
         if function.share is not None:
             placement = self._gpus.place(_placement_key(deployment, instance), function.share)

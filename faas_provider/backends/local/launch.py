@@ -1,10 +1,12 @@
 """How the local backend starts a function's replicas: the runtime command line and environment.
 
-Images cannot be pulled on one machine, so a function runs either from its `envProcess`
-(faas-cli's `fprocess`, a classic-watchdog command) or from a handler directory under the
-functions root, named by the last path segment of its image without tag or digest
-(`ghcr.io/acme/tiny-cpu:0.2` -> `<functions root>/tiny-cpu/handler.py`). An explicit
-`envProcess` wins; it then runs in the handler directory when there is one.
+Images cannot be pulled on one machine, so a function runs either from a handler directory
+under the functions root, named by the last path segment of its image without tag or digest
+(`ghcr.io/acme/tiny-cpu:0.2` -> `<functions root>/tiny-cpu/handler.py`), or, when there is no
+such directory, from its `envProcess` (faas-cli's `fprocess`, a classic-watchdog command). A
+handler directory is the image's code: an `envProcess` beside it names the server that the
+image's of-watchdog would start (faas-cli sends the template's, `python index.py` or
+`./handler`), whose place the runtime takes, so it is not run.
 """
 
 from __future__ import annotations
@@ -53,11 +55,11 @@ def launch_spec(
     # the runtime must import from wherever the provider runs, installed or not
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
     env["secret_mount_path"] = str(secrets_dir)
-    if deployment.env_process:
-        env["fprocess"] = deployment.env_process
-    elif handler_dir is not None:
+    if handler_dir is not None:
         argv += ["--handler", str(handler_dir)]
         env.pop("fprocess", None)
+    elif deployment.env_process:
+        env["fprocess"] = deployment.env_process
     else:
         raise InvalidRequest(
             f"image {deployment.image!r} resolves to no function: looked for "
