@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from faas_provider.gpu.mps import MpsDaemon, MpsError, _alive
+from faas_provider.gpu.mps import MpsDaemon, MpsError, ServerLoss, _alive
 
 FAKE = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
 UUID = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
@@ -49,16 +49,15 @@ async def daemon(tmp_path: Path) -> AsyncIterator[MpsDaemon]:
 
 
 @contextlib.asynccontextmanager
-async def watching(daemon: MpsDaemon, calls: dict[str, int]) -> AsyncIterator[None]:
-    """Run `daemon.watch` with fast timings, counting its calls, for the block's duration."""
+async def watching(daemon: MpsDaemon, losses: list[ServerLoss]) -> AsyncIterator[None]:
+    """Run `daemon.watch` with fast timings, collecting the losses it reports (and whether
+    the daemon answered when each was reported), for the block's duration."""
 
-    async def on_fault() -> None:
-        calls["fault"] += 1
+    async def on_lost(loss: ServerLoss) -> None:
+        assert await daemon.healthy(), "clients are recycled only once the daemon answers"
+        losses.append(loss)
 
-    async def on_exit() -> None:
-        calls["exit"] += 1
-
-    watch = daemon.watch(on_fault, on_exit, interval_s=0.05, ask_every_s=0.05, backoff_s=0.05)
+    watch = daemon.watch(on_lost, interval_s=0.05, ask_every_s=0.05, backoff_s=0.05)
     task = asyncio.create_task(watch)
     try:
         yield
@@ -153,13 +152,64 @@ async def test_watch_restarts_a_killed_daemon(
     await daemon.start()
     old = daemon.pid()
     assert old is not None
-    calls = {"fault": 0, "exit": 0}
-    async with watching(daemon, calls):
+    losses: list[ServerLoss] = []
+    async with watching(daemon, losses):
         os.kill(old, signal.SIGKILL)
-        await eventually(lambda: caplog.text.count("MPS daemon for GPU 0 started") == 2)
+        await eventually(lambda: losses)
+        await asyncio.sleep(0.2)  # several more looks
     assert daemon.pid() != old and await daemon.healthy()
-    assert calls == {"fault": 0, "exit": 1}
+    assert losses == [ServerLoss(daemon=f"(pid {old}) exited")]
+    assert caplog.text.count("MPS daemon for GPU 0 started") == 2
     assert f"MPS daemon for GPU 0 exited (pid {old}); restarting in 0.05 s" in caplog.text
+
+
+async def test_a_daemon_killed_with_its_server_is_one_loss(daemon: MpsDaemon) -> None:
+    await daemon.start()
+    losses: list[ServerLoss] = []
+    async with watching(daemon, losses):
+        await daemon.command("start_server -uid 0")  # as a client's first connection does
+        [server] = await daemon.server_pids() or []
+        await asyncio.sleep(0.2)  # the watch has read of the server in the log
+        old = daemon.pid()
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        os.kill(server, signal.SIGKILL)
+        await eventually(lambda: losses)
+        await asyncio.sleep(0.2)
+    assert losses == [ServerLoss(servers=(server,), daemon=f"(pid {old}) exited")]
+    assert str(losses[0]) == f"control daemon (pid {old}) exited; server {server} ended"
+
+
+async def test_a_server_that_dies_under_a_live_daemon_is_a_loss(daemon: MpsDaemon) -> None:
+    await daemon.start()
+    losses: list[ServerLoss] = []
+    async with watching(daemon, losses):
+        await daemon.command("start_server -uid 0")
+        [server] = await daemon.server_pids() or []
+        await asyncio.sleep(0.2)
+        os.kill(server, signal.SIGKILL)
+        await eventually(lambda: losses)
+        await asyncio.sleep(0.2)
+        assert losses == [ServerLoss(servers=(server,))], "the daemon lives: no restart"
+        # The daemon starts another server for the next client, watched as the first was.
+        await daemon.command("start_server -uid 0")
+        [second] = await daemon.server_pids() or []
+        assert second != server
+        await asyncio.sleep(0.2)
+        os.kill(second, signal.SIGKILL)
+        await eventually(lambda: len(losses) == 2)
+    assert losses[1] == ServerLoss(servers=(second,))
+
+
+async def test_a_server_of_an_adopted_daemon_is_watched(daemon: MpsDaemon) -> None:
+    await daemon.start()
+    await daemon.command("start_server -uid 0")  # before the watch: known from the daemon
+    [server] = await daemon.server_pids() or []
+    losses: list[ServerLoss] = []
+    async with watching(daemon, losses):
+        os.kill(server, signal.SIGKILL)
+        await eventually(lambda: losses)
+    assert losses == [ServerLoss(servers=(server,))]
 
 
 async def test_watch_kills_and_restarts_a_daemon_that_stopped_answering(
@@ -170,32 +220,31 @@ async def test_watch_kills_and_restarts_a_daemon_that_stopped_answering(
     await daemon.command("start_server -uid 0")
     [server] = await daemon.server_pids() or []
     old = daemon.pid()
-    calls = {"fault": 0, "exit": 0}
-    async with watching(daemon, calls):
+    losses: list[ServerLoss] = []
+    async with watching(daemon, losses):
         await daemon.command("fake_hang")  # no answer comes
-        await eventually(lambda: caplog.text.count("MPS daemon for GPU 0 started") == 2)
+        await eventually(lambda: losses)
     assert not _alive(old) and not _alive(server)
     assert daemon.pid() != old and await daemon.healthy()
-    assert calls == {"fault": 0, "exit": 1}
-    assert f"MPS daemon for GPU 0 is not answering (pid {old}); restarting" in caplog.text
+    assert losses == [ServerLoss(servers=(server,), daemon=f"(pid {old}) stopped answering")]
+    assert f"MPS daemon for GPU 0 stopped answering (pid {old}); restarting" in caplog.text
     assert f"did not quit within 1 s; killed pids [{old}]" in caplog.text
 
 
-async def test_watch_reports_a_fault_once(
-    daemon: MpsDaemon, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_watch_reports_a_fault_once(daemon: MpsDaemon) -> None:
     # A fault from before this daemon started is history, not news.
     daemon.log_dir.mkdir(parents=True)
     old_fault = "[2024-01-01 00:00:00.000 Server 1] Server encountered a fatal exception\n"
     (daemon.log_dir / "server.log").write_text(old_fault)
     await daemon.start()
     await daemon.command("start_server -uid 0")
-    calls = {"fault": 0, "exit": 0}
-    async with watching(daemon, calls):
+    losses: list[ServerLoss] = []
+    async with watching(daemon, losses):
         await asyncio.sleep(0.2)
-        assert calls["fault"] == 0
+        assert losses == []
         await daemon.command("fake_fault")
-        await eventually(lambda: calls["fault"] == 1)
+        await eventually(lambda: losses)
         await asyncio.sleep(0.2)  # several more checks
-    assert calls == {"fault": 1, "exit": 0}
-    assert "MPS server on GPU 0 reported a fault" in caplog.text
+    [loss] = losses
+    assert loss.fault is not None and "encountered a fatal GPU error" in loss.fault
+    assert (loss.servers, loss.daemon) == ((), None), "the server lives on after a fault"

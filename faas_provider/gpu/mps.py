@@ -6,11 +6,18 @@ one GPU's trouble stays on that GPU. A replica becomes an MPS client of its GPU 
 environment `MpsDaemon.client_env` gives it; CUDA reads that environment once, when the
 replica's context is created.
 
-A fatal GPU error in one client is reported to every client of that MPS server, and the server
-takes no new clients (they fail with error 807, "MPS server is not ready") until all of them
-have exited; then it recreates its context and serves again. The server says so in its log
-(`server.log`: "Server is handling a fatal GPU error."); `MpsDaemon.watch` reads that log and
-calls the provider back, which then recycles that GPU's replicas. Other GPUs keep serving.
+The MPS server (`nvidia-cuda-mps-server`) is a child the daemon starts on a client's first
+connection ("Starting new server N" in `control.log`); it ends when its daemon dies. Clients
+lose their server three ways, and their CUDA contexts are then of no more use:
+- a fatal GPU error in one client is reported to every client of that server, and the server
+  takes no new clients (they fail with error 807, "MPS server is not ready") until all of them
+  have exited; then it recreates its context and serves again. It says so in its log
+  (`server.log`: "Server is handling a fatal GPU error.");
+- the server process ends (killed, crashed) while the daemon lives on;
+- the daemon ends or stops answering, and its servers with it.
+`MpsDaemon.watch` sees all three, restarts a lost daemon, and then calls the provider back,
+which recycles that GPU's replicas, so that the new ones connect to a working daemon. Other
+GPUs keep serving.
 
 Only the standard library is used, so the module also runs where the provider's other
 dependencies are not installed (the GPU check in benchmarks/mps_check.py).
@@ -27,6 +34,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("fast_gshare.gpu.mps")
@@ -40,8 +48,30 @@ MIB = 1024**2
 # the server reports it (server.log), a server's own fatal exception or a server that ended
 # with an error (control.log).
 FAULT_LINE = re.compile(r"fatal GPU error|fatal exception|Server \d+ exited with status [1-9]")
+# The daemon's line (control.log) for a server it starts.
+SERVER_STARTED = re.compile(r"Starting new server (\d+)")
 
-Callback = Callable[[], Awaitable[None]]
+
+@dataclass(frozen=True)
+class ServerLoss:
+    """How a GPU's MPS clients lost their server, as one look of `MpsDaemon.watch` saw it."""
+
+    fault: str | None = None  # the first fault line new in the logs
+    servers: tuple[int, ...] = ()  # server processes that ended
+    daemon: str | None = None  # what became of the control daemon: "(pid 12) exited"
+
+    def __str__(self) -> str:
+        parts = []
+        if self.daemon is not None:
+            parts.append(f"control daemon {self.daemon}")
+        if self.servers:
+            parts.append(f"server {', '.join(map(str, self.servers))} ended")
+        if self.fault is not None:
+            parts.append(f"the server reported a fault: {self.fault}")
+        return "; ".join(parts)
+
+
+LossCallback = Callable[[ServerLoss], Awaitable[None]]
 
 
 class MpsError(RuntimeError):
@@ -218,64 +248,69 @@ class MpsDaemon:
 
     async def watch(
         self,
-        on_fault: Callback,
-        on_exit: Callback | None = None,
-        interval_s: float = 2.0,
+        on_lost: LossCallback,
+        interval_s: float = 1.0,
         ask_every_s: float = 60.0,
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
     ) -> None:
-        """Watch the daemon until cancelled.
+        """Watch the daemon and its servers until cancelled; call `on_lost` once per loss.
 
-        Every `interval_s`: a fault line new in the logs calls `on_fault` (once, however many
-        lines), and a daemon whose process is gone calls `on_exit` (its clients have lost their
-        server) and is restarted. Every `ask_every_s` the daemon must also answer (each question
-        costs five lines in control.log); one that does not is treated as gone. A restart waits
-        `backoff_s` first, doubled after each failed restart up to `max_backoff_s`.
+        Every `interval_s` (a look reads a few /proc files and the logs' new lines): a fault
+        line new in the logs, a server process gone (those the daemon named when asked, and
+        those its log says it started since), or a daemon whose process is gone, are one loss.
+        Every `ask_every_s` the daemon must also answer `get_server_list` (each question costs
+        five lines in control.log); one that does not is treated as gone. A lost daemon is
+        restarted after `backoff_s` (doubled after each failed restart, up to `max_backoff_s`)
+        before `on_lost` is called, so that the clients started anew find a working daemon; a
+        daemon that will not restart is reported once, after its first try.
         """
         delay = backoff_s
+        servers = set(await self.server_pids() or [])
         next_question = time.monotonic() + ask_every_s
+        daemon_up = True
         while True:
             await asyncio.sleep(interval_s)
-            faults = await asyncio.to_thread(self._new_fault_lines)
-            if faults:
-                log.warning(
-                    "MPS server on GPU %d reported a fault (%s); recycling its clients",
-                    self.gpu_index,
-                    faults[0],
-                )
-                await on_fault()
-            if self.running() and time.monotonic() < next_question:
-                continue
-            if await self.healthy():
+            faults, started = await asyncio.to_thread(self._read_logs)
+            servers.update(started)
+            daemon = None
+            restarted = False
+            if not self.running() or time.monotonic() >= next_question:
+                answer = await self.server_pids() if self.running() else None
+                if answer is not None:
+                    servers.update(pid for pid in answer if _alive(pid))
+                else:
+                    state = "stopped answering" if self.running() else "exited"
+                    if daemon_up:
+                        daemon = f"(pid {self.pid()}) {state}"
+                    daemon_up = await self._restart(state, delay)
+                    delay = backoff_s if daemon_up else min(delay * 2, max_backoff_s)
+                    restarted = True
                 next_question = time.monotonic() + ask_every_s
-                continue
-            pid = self.pid()
-            state = "is not answering" if self.running() else "exited"
-            log.warning(
-                "MPS daemon for GPU %d %s (pid %s); restarting in %g s",
-                self.gpu_index,
-                state,
-                pid,
-                delay,
-            )
-            if on_exit is not None:
-                await on_exit()
-            await asyncio.sleep(delay)
-            try:
-                await self.stop(timeout_s=1.0)
-                await self.start()
-            except MpsError as error:
-                delay = min(delay * 2, max_backoff_s)
-                log.error(
-                    "MPS daemon for GPU %d did not restart: %s; next try in %g s",
-                    self.gpu_index,
-                    error,
-                    delay,
-                )
-            else:
-                delay = backoff_s
-                next_question = time.monotonic() + ask_every_s
+            ended = tuple(sorted(pid for pid in servers if not _alive(pid)))
+            servers.difference_update(ended)
+            if restarted:
+                servers.clear()  # the new daemon starts servers of its own
+            if faults or ended or daemon is not None:
+                await on_lost(ServerLoss(faults[0] if faults else None, ended, daemon))
+
+    async def _restart(self, state: str, delay: float) -> bool:
+        """Restart a daemon that exited or stopped answering, after `delay`; whether it runs."""
+        log.warning(
+            "MPS daemon for GPU %d %s (pid %s); restarting in %g s",
+            self.gpu_index,
+            state,
+            self.pid(),
+            delay,
+        )
+        await asyncio.sleep(delay)
+        try:
+            await self.stop(timeout_s=1.0)
+            await self.start()
+        except MpsError as error:
+            log.error("MPS daemon for GPU %d did not restart: %s", self.gpu_index, error)
+            return False
+        return True
 
     def _mark_logs(self) -> None:
         """Remember where the logs end now: only lines written after this count as faults."""
@@ -285,9 +320,11 @@ class MpsDaemon:
             except FileNotFoundError:
                 self._log_offsets[name] = 0
 
-    def _new_fault_lines(self) -> list[str]:
-        """Fault lines written to the logs since the last look."""
-        faults = []
+    def _read_logs(self) -> tuple[list[str], list[int]]:
+        """From the lines written to the logs since the last look: the fault lines, and the
+        pids of the servers the daemon started."""
+        faults: list[str] = []
+        started: list[int] = []
         for name in LOG_FILES:
             try:
                 with (self.log_dir / name).open("rb") as file:
@@ -304,7 +341,9 @@ class MpsDaemon:
             for line in data[:complete].decode(errors="replace").splitlines():
                 if FAULT_LINE.search(line):
                     faults.append(line.strip())
-        return faults
+                elif match := SERVER_STARTED.search(line):
+                    started.append(int(match.group(1)))
+        return faults, started
 
     def _owns(self, pid: int) -> bool:
         """True if `pid` runs with this daemon's pipe directory (the daemon or one of its

@@ -40,6 +40,7 @@ from faas_provider.backends.local.state import (
     StoredNamespace,
 )
 from faas_provider.gpu.discovery import GpuDevice, discover_gpus
+from faas_provider.gpu.mps import ServerLoss
 from faas_provider.gpu.share import GpuShare, gpu_share
 from faas_provider.models import (
     FunctionDeployment,
@@ -110,7 +111,7 @@ class LocalBackend:
         on this machine, or why they cannot (then at `$secret_mount_path` only)."""
         state_dir = state_dir.absolute()  # replicas run elsewhere and mount from it
         self._gpus = gpus or GpuPool(discover_gpus())
-        self._gpus.on_fault = self._recycle_gpu
+        self._gpus.on_lost = self._recycle_gpu
         self._store = StateStore(state_dir)
         self._state_dir = state_dir
         self._functions_root = functions_root
@@ -423,15 +424,22 @@ class LocalBackend:
         if self._gpus.release(_placement_key(function.deployment, replica.instance)):
             self._place_pending()
 
-    async def _recycle_gpu(self, device: GpuDevice) -> None:
-        """Restart every replica on `device` (its MPS server faulted); other GPUs go on."""
+    async def _recycle_gpu(self, device: GpuDevice, loss: ServerLoss) -> None:
+        """Restart every replica on `device` (its MPS clients lost their server); other GPUs
+        go on."""
         victims = [
             replica
             for function in self._functions.values()
             for replica in function.replicas + function.retiring
             if self._gpus.device_of(_placement_key(function.deployment, replica.instance)) == device
         ]
-        log.warning("recycling %d replica(s) on GPU %d", len(victims), device.index)
+        log.warning(
+            "MPS clients of GPU %d lost their server (%s); recycling %d replica(s)%s",
+            device.index,
+            loss,
+            len(victims),
+            f": {', '.join(replica.instance for replica in victims)}" if victims else "",
+        )
         await asyncio.gather(*(replica.recycle() for replica in victims))
 
     def _place_pending(self) -> None:

@@ -3,8 +3,9 @@
 A GPU replica is placed on a GPU (packing, see gpu/placement.py), started as an MPS client of
 that GPU's daemon with its SM partition and memory cap (on a real GPU), and fronted by a
 time-quota gate registered with the token service that runs here, in the provider. On a
-machine without a GPU the same happens on a virtual GPU, without MPS, CPU-only. When an MPS
-server reports a fatal fault, `on_fault` is called with its GPU: the backend then recycles the
+machine without a GPU the same happens on a virtual GPU, without MPS, CPU-only. When a GPU's
+MPS clients lose their server (a fatal fault, the server or its daemon gone; see gpu/mps.py),
+`on_lost` is called with that GPU, once its daemon runs again: the backend then recycles the
 replicas of that GPU alone.
 """
 
@@ -23,13 +24,13 @@ from pathlib import Path
 from faas_provider.backends.base import InvalidRequest
 from faas_provider.gate.service import TokenService
 from faas_provider.gpu.discovery import GpuDevice
-from faas_provider.gpu.mps import CONTROL_BINARY, MpsDaemon, MpsError
+from faas_provider.gpu.mps import CONTROL_BINARY, MpsDaemon, MpsError, ServerLoss
 from faas_provider.gpu.placement import GpuLoad, choose_gpu, fits_when_empty, why_pending
 from faas_provider.gpu.share import GPU_MEMORY, GpuShare
 
 log = logging.getLogger("fast_gshare.gpus")
 
-FaultHook = Callable[[GpuDevice], Awaitable[None]]
+LossHook = Callable[[GpuDevice, ServerLoss], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class GpuPool:
         self._mps_binary = mps_binary
         self._mps: dict[int, MpsDaemon] = {}
         self._watchers: list[asyncio.Task[None]] = []
-        self.on_fault: FaultHook | None = None
+        self.on_lost: LossHook | None = None
 
     async def start(self) -> None:
         """Start the token service and, on real GPUs, one MPS daemon per GPU."""
@@ -79,7 +80,7 @@ class GpuPool:
                 log.error("%s; GPU %d shares time only, not SMs", error, device.index)
                 continue
             self._mps[device.index] = daemon
-            self._watchers.append(asyncio.create_task(daemon.watch(self._fault_on(device))))
+            self._watchers.append(asyncio.create_task(daemon.watch(self._lost_on(device))))
 
     async def close(self) -> None:
         """Stop the MPS daemons and the token service; remove their sockets."""
@@ -106,10 +107,10 @@ class GpuPool:
         load = self._where.get(key)
         return load.device if load is not None else None
 
-    def _fault_on(self, device: GpuDevice) -> Callable[[], Awaitable[None]]:
-        async def recycle() -> None:
-            if self.on_fault is not None:
-                await self.on_fault(device)
+    def _lost_on(self, device: GpuDevice) -> Callable[[ServerLoss], Awaitable[None]]:
+        async def recycle(loss: ServerLoss) -> None:
+            if self.on_lost is not None:
+                await self.on_lost(device, loss)
 
         return recycle
 
