@@ -2,8 +2,10 @@
 
 The replica is started in its own process group, learns its port from the runtime's
 `Listening on port: N` line, is ready once `/_/health` answers 200, is health-checked while it
-runs, and is restarted with exponential backoff when it exits. Every line it writes goes to
-the function's log store; the provider logs one line per lifecycle event.
+runs (not ready from its first failed check, checked again every second then, and restarted
+after FAILED_CHECKS_TO_RESTART failures in a row: a runtime that says it lost its GPU never
+answers 200 again), and is restarted with exponential backoff when it exits. Every line it
+writes goes to the function's log store; the provider logs one line per lifecycle event.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ log = logging.getLogger("fast_gshare.replica")
 _LISTENING = re.compile(r"^Listening on port: (\d+)\s*$")
 HEALTH_INTERVAL_S = 5.0
 HEALTH_TIMEOUT_S = 2.0
+RECHECK_S = 1.0  # between the checks of a replica that failed its last one
+FAILED_CHECKS_TO_RESTART = 3
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 30.0
@@ -95,8 +99,9 @@ class Replica:
                 await self._task
 
     async def recycle(self) -> None:
-        """End the processes now; the supervisor starts them again (after its backoff)."""
-        log.warning("replica %s recycled", self.instance)
+        """Take the replica out of service and end its processes now; the supervisor starts
+        them again (after its backoff). Calls meanwhile wait for it to be ready again."""
+        self._set_healthy(False)
         await self._terminate()
 
     async def _supervise(self) -> None:
@@ -219,24 +224,40 @@ class Replica:
         return last
 
     async def _watch_health(self) -> None:
-        """Mark the replica ready when /_/health answers 200; keep checking while it runs."""
+        """Mark the replica ready when /_/health answers 200; keep checking while it runs, and
+        restart it once it has failed FAILED_CHECKS_TO_RESTART checks in a row."""
         first = True
+        failures = 0
         while True:
-            was_healthy = self._healthy
-            self._set_healthy(await self._check_health())
-            if self._healthy and first:
-                log.info("replica %s ready on %s", self.instance, self.url)
+            failure = await self._check_health()
+            self._set_healthy(failure is None)
+            if failure is None:
+                if first:
+                    log.info("replica %s ready on %s", self.instance, self.url)
                 first = False
-            elif was_healthy and not self._healthy:
-                log.warning("replica %s failed its health check", self.instance)
-            await asyncio.sleep(0.05 if first else HEALTH_INTERVAL_S)
+                failures = 0
+            elif not first:  # a replica still loading is not failing
+                failures += 1
+                if failures == FAILED_CHECKS_TO_RESTART:
+                    log.warning(
+                        "replica %s failed %d health checks in a row (%s); restarting it",
+                        self.instance,
+                        failures,
+                        failure,
+                    )
+                    await self._terminate()
+                    return
+                if failures == 1:
+                    log.warning("replica %s failed its health check (%s)", self.instance, failure)
+            await asyncio.sleep(0.05 if first else RECHECK_S if failures else HEALTH_INTERVAL_S)
 
     def _set_healthy(self, healthy: bool) -> None:
         if healthy != self._healthy:
             self._healthy = healthy
             self._on_change()
 
-    async def _check_health(self) -> bool:
+    async def _check_health(self) -> str | None:
+        """Ask /_/health; None when it answers 200, else what it said instead."""
         try:
             async with (
                 asyncio.timeout(HEALTH_TIMEOUT_S),
@@ -244,10 +265,14 @@ class Replica:
                     ("127.0.0.1", self._port or 0), "GET", "/_/health", CIMultiDict(), None
                 ) as response,
             ):
-                await response.read()
-                return response.status == 200
-        except (UpstreamError, TimeoutError):
-            return False
+                said = (await response.read()).decode(errors="replace").strip()
+        except TimeoutError:
+            return f"no answer within {HEALTH_TIMEOUT_S:g} s"
+        except UpstreamError as error:
+            return str(error) or type(error).__name__
+        if response.status == 200:
+            return None
+        return f"{response.status} {said[:200]}".rstrip()
 
     async def _terminate(self) -> None:
         running = [p for p in self._processes if p.returncode is None]
