@@ -753,3 +753,69 @@ async def test_exits_when_a_parent_pid_that_is_not_its_parent_ends() -> None:
         await other.wait()
         assert await asyncio.wait_for(replica.process.wait(), 4) == 0
         await replica.wait_for_log(f"Parent process {other.pid} is gone")
+
+
+# A handler that fails as torch does once its MPS server is gone ("lose"), or as a CUDA
+# allocation that does not fit fails ("oom"); "batch" names the mode it runs in.
+LOST_GPU_HANDLER = """
+import os
+
+MPS_GONE = (
+    "CUDA error: the remote procedural call between the MPS server and the MPS client failed\\n"
+    "CUDA kernel errors might be asynchronously reported at some other API call"
+)
+calls = 0
+
+
+class AcceleratorError(RuntimeError):
+    pass
+
+
+def answer(body):
+    global calls
+    calls += 1
+    if body == b"lose":
+        raise AcceleratorError(MPS_GONE)
+    if body == b"oom":
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.79 GiB")
+    return {"body": {"calls": calls}}
+"""
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "def handle(event, context):\n    return answer(event.body)\n",
+        "def handle_batch(events, context):\n    return [answer(e.body) for e in events]\n",
+    ],
+    ids=["handle", "handle_batch"],
+)
+async def test_a_lost_gpu_context_makes_the_replica_not_ready_for_good(
+    tmp_path: Path, session: aiohttp.ClientSession, entry: str
+) -> None:
+    write(tmp_path / "handler.py", LOST_GPU_HANDLER + "\n\n" + entry)
+    async with running("--handler", str(tmp_path)) as replica:
+        # An error that a later call may not meet leaves the replica ready.
+        async with session.post(replica.url, data=b"oom") as response:
+            assert response.status == 500
+        async with session.get(f"{replica.url}/_/health") as response:
+            assert response.status == 200
+
+        async with session.post(replica.url, data=b"lose") as response:
+            assert response.status == 500
+            assert "remote procedural call" in await response.text()
+        lost = (
+            "AcceleratorError: CUDA error: the remote procedural call between the MPS server "
+            "and the MPS client failed"
+        )
+        async with session.get(f"{replica.url}/_/health") as response:
+            assert response.status == 503
+            assert await response.text() == f"GPU context lost: {lost}\n"
+        await replica.wait_for_log(f"GPU context lost ({lost}): not ready from now on")
+        # Calls are turned away at once, without running the handler (it would count them).
+        async with session.post(replica.url, data=b"fine") as response:
+            assert response.status == 503
+            assert "lost its GPU context" in await response.text()
+        async with session.get(f"{replica.url}/_/health") as response:
+            assert response.status == 503
+        assert replica.log.count("GPU context lost (") == 1

@@ -13,7 +13,10 @@ Two ways to run a function:
   says are coming), and it returns one result per event. A batch-1 model on a GPU is bound by
   kernel launches, so a batch of concurrent requests costs about what one does.
 
-`GET /_/health` answers 200 once the function is loaded; every other path and method invokes it.
+`GET /_/health` answers 200 once the function is loaded, and 503 from the moment a handler
+raised an error that says its GPU context is lost (runtime/lost_gpu.py): such a replica can
+never serve again, answers every call with 503 at once, and waits to be replaced. Every other
+path and method invokes the function.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from typing import Any, Protocol
 from aiohttp import web
 from multidict import CIMultiDictProxy, MultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from faas_provider.runtime.lost_gpu import lost_gpu
 
 log = logging.getLogger("fast_gshare.runtime")
 
@@ -558,12 +563,14 @@ class Runtime:
         self.config = config
         self.draining = False
         self.inflight = 0
+        self.gpu_lost: str | None = None  # the error that said the GPU context is lost
         self._invoker: Invoker | None = None
 
     @property
     def ready(self) -> bool:
-        """Whether the function is loaded and shutdown has not begun."""
-        return self._invoker is not None and not self.draining
+        """Whether the function is loaded, its GPU context (if any) not lost, and shutdown has
+        not begun."""
+        return self._invoker is not None and not self.draining and self.gpu_lost is None
 
     async def start(self) -> None:
         """Load the function: import handler.py in handler mode; nothing to do for fprocess."""
@@ -578,16 +585,27 @@ class Runtime:
             self._invoker.close()
 
     async def health(self, request: web.Request) -> web.Response:
-        """`GET /_/health`: 200 `OK` while ready, else 503; other methods 405."""
+        """`GET /_/health`: 200 `OK` while ready, else 503 (saying why when the GPU context is
+        lost); other methods 405."""
         if request.method != "GET":
             raise web.HTTPMethodNotAllowed(request.method, ["GET"])
-        return web.Response(text="OK") if self.ready else web.Response(status=503)
+        if self.ready:
+            return web.Response(text="OK")
+        if self.gpu_lost is not None:
+            return web.Response(status=503, text=f"GPU context lost: {self.gpu_lost}\n")
+        return web.Response(status=503)
 
     async def invoke(self, request: web.Request) -> web.Response:
         """Every other path and method: the function's response, with `X-Duration-Seconds`."""
         invoker = self._invoker
         if invoker is None:
             return web.Response(status=503, text="The function is still loading.\n")
+        if self.gpu_lost is not None:
+            return web.Response(
+                status=503,
+                text=f"This replica lost its GPU context ({self.gpu_lost}); it is being "
+                "replaced.\n",
+            )
         limit = self.config.max_inflight
         if limit and self.inflight >= limit:
             return web.Response(
@@ -616,7 +634,19 @@ class Runtime:
             log.info("Wrote %d Bytes - Duration: %fs", len(body), duration)
         else:
             log.error("%s - Duration: %fs", failure, duration, exc_info=failure.__cause__)
+            self._note_lost_gpu(failure)
         return response
+
+    def _note_lost_gpu(self, failure: InvocationError) -> None:
+        """Not ready for good when the handler's error says its GPU context is lost."""
+        if self.gpu_lost is not None or failure.__cause__ is None:
+            return
+        self.gpu_lost = lost_gpu(failure.__cause__)
+        if self.gpu_lost is not None:
+            log.error(
+                "GPU context lost (%s): not ready from now on; this replica waits to be replaced",
+                self.gpu_lost,
+            )
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
