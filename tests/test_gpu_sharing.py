@@ -5,15 +5,21 @@ sleep standing in for each request's GPU work."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from faas_provider.api.app import create_app
+from faas_provider.backends.local import replica as replica_module
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.gpu.discovery import GpuDevice
@@ -233,6 +239,74 @@ async def on_fake_gpus(
     return await aiohttp_client(create_app(backend, settings)), pool
 
 
+Call = tuple[float, int, Any]  # seconds it took, status, the pid that answered (or None)
+
+
+@contextlib.asynccontextmanager
+async def calling(client: TestClient, bodies: dict[str, bytes]) -> AsyncIterator[dict[str, list]]:
+    """One caller a function (name -> body), calling without pause for the block's duration;
+    yields each function's calls (`Call`s) as they are made."""
+    record: dict[str, list[Call]] = {name: [] for name in bodies}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def caller(name: str) -> None:
+        while not stop.is_set():
+            began = loop.time()
+            response = await client.post(f"/function/{name}", data=bodies[name])
+            text = await response.text()
+            pid = json.loads(text)["pid"] if text.startswith("{") else None
+            record[name].append((loop.time() - began, response.status, pid))
+
+    callers = [asyncio.create_task(caller(name)) for name in bodies]
+    try:
+        yield record
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)
+
+
+async def answered_by_another(calls: list[Call], pid: int, timeout_s: float = 20.0) -> None:
+    """Wait until a call in `calls` is answered by a process other than `pid`."""
+    for _ in range(int(timeout_s / 0.05)):
+        if any(status == 200 and who != pid for _, status, who in calls):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no call was answered by a new replica: {calls[-5:]}")
+
+
+async def one_replica_a_gpu(client: TestClient) -> tuple[str, str, dict[str, int]]:
+    """Two GPU functions, one on each fake GPU: (the one on GPU 0, the other, their pids)."""
+    big = {"fastgshare/gpu_sm_partition": "60"}  # two of them do not fit on one GPU
+    names = ("first", "second")
+    for name in names:
+        assert await faas_cli_deploy(client, {**STEER, "service": name, "annotations": big}) == 202
+    for name in names:
+        await wait_available(client, name)
+    pids = {}
+    for name in names:
+        pids[name] = (await (await client.post(f"/function/{name}", data=b"")).json())["pid"]
+    gpus = {name: _environment(pid)["CUDA_VISIBLE_DEVICES"] for name, pid in pids.items()}
+    assert sorted(gpus.values()) == ["GPU-fake-0", "GPU-fake-1"]
+    (on_gpu0,) = (name for name, gpu in gpus.items() if gpu == "GPU-fake-0")
+    (other,) = set(names) - {on_gpu0}
+    return on_gpu0, other, pids
+
+
+def assert_recovered(calls: list[Call], pid: int) -> None:
+    """Every call succeeded, and the first one a new replica answered waited for it (it was
+    made before the new replica was up)."""
+    assert [status for _, status, _ in calls] == [200] * len(calls), calls
+    waited, _, _ = next(call for call in calls if call[2] != pid)
+    assert waited > 0.5, f"the first call after the recycle took {waited:.2f} s"
+
+
+def assert_untouched(calls: list[Call], pid: int | None) -> None:
+    """Many calls, each answered 200 by the same process."""
+    assert len(calls) > 10
+    assert {(status, who) for _, status, who in calls} == {(200, pid)}
+
+
 async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_request(
     aiohttp_client: Any, settings: Settings, functions_root: Path
 ) -> None:
@@ -254,21 +328,11 @@ async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_reque
     assert environment["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=1536M"
 
     await daemon.command("start_server -uid 0")
-    await daemon.command("fake_fault")
-    loop = asyncio.get_running_loop()
-    faulted = loop.time()
-    lost = answered = 0
-    recovered_after = None
-    while loop.time() - faulted < 15 and recovered_after is None:
-        echo = await client.post("/function/echo", data=b"x")
-        answered += 1
-        lost += echo.status != 200
-        gpu = await client.post("/function/steer", data=b"")
-        if gpu.status == 200 and (await gpu.json())["pid"] != before:
-            recovered_after = loop.time() - faulted
-        await asyncio.sleep(0.05)
-    assert recovered_after is not None, "the GPU replica was not recycled"
-    assert lost == 0 and answered > 10, "a plain function must not lose a request"
+    async with calling(client, {"steer": b"", "echo": b"x"}) as calls:
+        await daemon.command("fake_fault")
+        await answered_by_another(calls["steer"], before)
+    assert_recovered(calls["steer"], before)
+    assert_untouched(calls["echo"], None)
     logs = await (await client.get("/system/logs?name=steer")).text()
     assert "restarting" in logs
 
@@ -277,38 +341,61 @@ async def test_an_mps_fault_on_one_gpu_leaves_another_gpus_replicas_serving(
     aiohttp_client: Any, settings: Settings, functions_root: Path
 ) -> None:
     client, pool = await on_fake_gpus(aiohttp_client, settings, functions_root, 2)
-    big = {"fastgshare/gpu_sm_partition": "60"}  # two of them do not fit on one GPU
-    names = ("first", "second")
-    for name in names:
-        assert await faas_cli_deploy(client, {**STEER, "service": name, "annotations": big}) == 202
-    for name in names:
-        await wait_available(client, name)
-    pids = {}
-    for name in names:
-        pids[name] = (await (await client.post(f"/function/{name}", data=b"")).json())["pid"]
-    gpus = {name: _environment(pid)["CUDA_VISIBLE_DEVICES"] for name, pid in pids.items()}
-    assert sorted(gpus.values()) == ["GPU-fake-0", "GPU-fake-1"]
-    (faulty,) = (name for name, gpu in gpus.items() if gpu == "GPU-fake-0")
-    (other,) = set(names) - {faulty}
+    faulty, other, pids = await one_replica_a_gpu(client)
     daemon = pool.daemon(0)
     assert daemon is not None
 
     await daemon.command("start_server -uid 0")
-    await daemon.command("fake_fault")
-    loop = asyncio.get_running_loop()
-    faulted = loop.time()
-    answers: list[tuple[int, Any]] = []
-    recovered_after = None
-    while loop.time() - faulted < 15 and recovered_after is None:
-        answer = await client.post(f"/function/{other}", data=b"")
-        answers.append((answer.status, (await answer.json())["pid"] if answer.ok else None))
-        gpu = await client.post(f"/function/{faulty}", data=b"")
-        if gpu.status == 200 and (await gpu.json())["pid"] != pids[faulty]:
-            recovered_after = loop.time() - faulted
-        await asyncio.sleep(0.05)
-    assert recovered_after is not None, "the faulted GPU's replica was not recycled"
-    assert len(answers) > 10
-    assert answers == [(200, pids[other])] * len(answers), "the other GPU's replica is untouched"
+    async with calling(client, {faulty: b"", other: b""}) as calls:
+        await daemon.command("fake_fault")
+        await answered_by_another(calls[faulty], pids[faulty])
+    assert_recovered(calls[faulty], pids[faulty])
+    assert_untouched(calls[other], pids[other])
+
+
+@pytest.mark.parametrize("killed", ["daemon and server", "server"])
+async def test_a_lost_mps_server_recycles_the_replicas_of_its_gpu_alone(
+    aiohttp_client: Any,
+    settings: Settings,
+    functions_root: Path,
+    caplog: pytest.LogCaptureFixture,
+    killed: str,
+) -> None:
+    """SIGKILL of GPU 0's MPS control daemon and its server, or of the server alone: the
+    replica on GPU 0 is replaced once the daemon answers again, calls made meanwhile wait for
+    it; GPU 1's replica and a plain function answer every call, the same processes throughout."""
+    caplog.set_level(logging.WARNING, logger="fast_gshare.local")
+    client, pool = await on_fake_gpus(aiohttp_client, settings, functions_root, 2)
+    victim, other, pids = await one_replica_a_gpu(client)
+    assert await faas_cli_deploy(client, ECHO) == 202
+    await wait_available(client, "echo")
+    daemon = pool.daemon(0)
+    assert daemon is not None
+    await daemon.command("start_server -uid 0")  # on a GPU, the replica's first CUDA call does
+    [server] = await daemon.server_pids() or []
+    old = daemon.pid()
+    assert old is not None
+
+    async with calling(client, {victim: b"", other: b"", "echo": b"x"}) as calls:
+        await asyncio.sleep(0.2)
+        if killed == "daemon and server":
+            os.kill(old, signal.SIGKILL)
+        os.kill(server, signal.SIGKILL)
+        await answered_by_another(calls[victim], pids[victim])
+        await asyncio.sleep(0.2)
+    assert_recovered(calls[victim], pids[victim])
+    assert_untouched(calls[other], pids[other])
+    assert_untouched(calls["echo"], None)
+    assert await daemon.healthy()
+    if killed == "server":
+        assert daemon.pid() == old, "a daemon that lives on is not restarted"
+        what = f"server {server} ended"
+    else:
+        assert daemon.pid() != old
+        what = f"control daemon (pid {old}) exited; server {server} ended"
+    line = f"MPS clients of GPU 0 lost their server ({what}); recycling 1 replica(s): {victim}-0"
+    assert caplog.text.count("lost their server") == 1
+    assert line in caplog.text
 
 
 async def test_a_gpu_whose_mps_daemon_will_not_start_still_serves_by_time(
@@ -337,3 +424,50 @@ async def test_an_update_that_drops_the_gpu_gives_its_room_back(gpu_client: Test
     assert await faas_cli_deploy(gpu_client, plain) == 202
     await wait_available(gpu_client, "waiter")
     await wait_available(gpu_client, "mover")
+
+
+LOSES_ITS_GPU = """
+import os
+
+
+def handle(event, context):
+    if event.body == b"lose":
+        raise RuntimeError(
+            "CUDA error: the remote procedural call between the MPS server and the MPS client "
+            "failed\\nCUDA kernel errors might be asynchronously reported at some other API call"
+        )
+    return {"statusCode": 200, "body": {"pid": os.getpid()}}
+"""
+
+
+async def test_a_replica_whose_handler_lost_its_gpu_is_not_ready_and_is_replaced(
+    gpu_client: TestClient,
+    functions_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No MPS daemon sees it (a virtual GPU has none): the handler's own error says the GPU
+    context is lost. The replica's gate says so at /_/health, the function is not available
+    until a new replica is, and the provider replaces the replica."""
+    monkeypatch.setattr(replica_module, "HEALTH_INTERVAL_S", 0.5)
+    caplog.set_level(logging.WARNING, logger="fast_gshare.replica")
+    (functions_root / "loses").mkdir()
+    (functions_root / "loses" / "handler.py").write_text(LOSES_ITS_GPU)
+    deployment = {**shared("loses", sm_partition="50"), "image": "example/loses:1"}
+    assert await faas_cli_deploy(gpu_client, deployment) == 202
+    await wait_available(gpu_client, "loses")
+    before = (await (await gpu_client.post("/function/loses", data=b"")).json())["pid"]
+    [gate] = (await (await gpu_client.get("/system/endpoints/loses")).json())["urls"]
+
+    assert (await gpu_client.post("/function/loses", data=b"lose")).status == 500
+    async with aiohttp.ClientSession() as session, session.get(f"{gate}/_/health") as health:
+        assert health.status == 503
+        assert "GPU context lost: RuntimeError: CUDA error: the remote procedural" in (
+            await health.text()
+        )
+    await wait_available(gpu_client, "loses", 0)
+    status = await wait_available(gpu_client, "loses", 1)
+    assert status["replicas"] == 1
+    answer = await gpu_client.post("/function/loses", data=b"")
+    assert answer.status == 200 and (await answer.json())["pid"] != before
+    assert "replica loses-0 failed 3 health checks in a row (503 GPU context lost" in caplog.text
