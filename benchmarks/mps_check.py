@@ -10,7 +10,7 @@ client is its own python3 process with `MpsDaemon.client_env` in its environment
   (a) fp16 8192^3 matmul throughput of one client at 100% and at 25% of the SMs;
   (b) CUDA_MPS_PINNED_DEVICE_MEM_LIMIT: a 3 GB allocation under a 2 GiB cap, and under 8 GiB;
   (d) a fault: one client writes to an illegal address while another runs; what each sees,
-      whether watch() calls on_fault, whether a new client runs before and after the running
+      whether watch() reports the loss, whether a new client runs before and after the running
       one exits;
   (e) the daemon killed with SIGKILL: whether its server outlives it, and watch() restarting it;
   (c) stop() while a client still runs: how long it takes, and what is left afterwards.
@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from faas_provider.gpu.mps import MpsDaemon  # noqa: E402
+from faas_provider.gpu.mps import MpsDaemon, ServerLoss  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "mps_check.json"
 GIB = 1024**3
@@ -334,17 +334,14 @@ async def check(seconds: float) -> dict[str, Any]:
     result["before_start"] = await raw_command(daemon, "get_server_list")
     events: dict[str, list[float]] = {"fault": [], "exit": []}
 
-    async def on_fault() -> None:
-        events["fault"].append(time.monotonic())
-
-    async def on_exit() -> None:
-        events["exit"].append(time.monotonic())
+    async def on_lost(loss: ServerLoss) -> None:
+        events["exit" if loss.daemon is not None else "fault"].append(time.monotonic())
 
     started = time.monotonic()
     await daemon.start()
     result["start"] = {"seconds": round(time.monotonic() - started, 2), "pid": daemon.pid()}
     result["healthy"] = await daemon.healthy()
-    watch = daemon.watch(on_fault, on_exit, interval_s=0.5, ask_every_s=5, backoff_s=0.5)
+    watch = daemon.watch(on_lost, interval_s=0.5, ask_every_s=5, backoff_s=0.5)
     watcher = asyncio.create_task(watch)
     try:
         # (a) SM shares
@@ -412,7 +409,7 @@ def table(result: dict[str, Any]) -> str:
                 "fault: other client",
                 str(runner.get("error") if isinstance(runner, dict) else runner),
             ),
-            ("fault: on_fault calls (s after)", str(fault["on_fault_calls_after_fault_s"])),
+            ("fault: losses reported (s after)", str(fault["on_fault_calls_after_fault_s"])),
             ("fault: new client, other alive", json.dumps(fault["new_client_while_runner_alive"])),
             ("fault: new client after exit", json.dumps(fault["new_client_after_all_exit"])),
         ]

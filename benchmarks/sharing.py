@@ -573,13 +573,19 @@ def memory_cap(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def faults(args: argparse.Namespace) -> dict[str, Any]:
-    """Fault drills: kill -9 one GPU replica, then make one crash its GPU context (a fatal
-    MPS fault). Counts the requests lost by a GPU neighbour on the same GPU and by a plain
-    function, and how long until each answers again."""
+    """Fault drills: kill -9 one GPU replica; make one crash its GPU context (a fatal MPS
+    fault); kill -9 the MPS control daemon and server of that GPU. Counts the requests lost by
+    the ResNet-50 neighbour on the same GPU, by a plain function and, on a machine with more
+    GPUs, by a ResNet-50 function on another GPU, and how long until the victim answers again.
+    In the MPS drill every client of the GPU loses its server: the victim measured is the
+    neighbour, called throughout."""
+    import asyncio
     import signal
     import threading
     import urllib.error
     import urllib.request
+
+    from faas_provider.gpu.discovery import discover_gpus
 
     functions = {
         "victim": {
@@ -589,6 +595,8 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
         "neighbour": _shared(20),
         "plain": {"image": "fast-gshare/echo:0.1.0", "fprocess": "cat"},
     }
+    if sum(not gpu.virtual for gpu in discover_gpus()) > 1:
+        functions["far"] = _shared(90)  # 90 beside the 40 of victim and neighbour: another GPU
     body = _jpeg()
     outcome: dict[str, Any] = {}
     with provider(functions) as base:
@@ -604,23 +612,26 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
             except OSError:
                 return 0
 
-        record: dict[str, list[tuple[float, int]]] = {"neighbour": [], "plain": []}
+        bodies = {"neighbour": body, "plain": b"ping"}
+        if "far" in functions:
+            bodies["far"] = body
+        record: dict[str, list[tuple[float, float, int]]] = {name: [] for name in bodies}
         stop = threading.Event()
 
-        def keep_calling(name: str, data: bytes) -> None:
+        def keep_calling(name: str) -> None:
             while not stop.is_set():
-                record[name].append((time.monotonic(), call(name, data)))
+                began = time.monotonic()
+                status = call(name, bodies[name])
+                record[name].append((began, time.monotonic(), status))
                 time.sleep(0.02)
 
-        callers = [
-            threading.Thread(target=keep_calling, args=("neighbour", body)),
-            threading.Thread(target=keep_calling, args=("plain", b"ping")),
-        ]
+        callers = [threading.Thread(target=keep_calling, args=(name,)) for name in bodies]
         for caller in callers:
             caller.start()
         time.sleep(2)
-        for drill in ("kill -9", "GPU fault"):
+        for drill in ("kill -9", "GPU fault", "MPS kill -9"):
             began = time.monotonic()
+            mps: dict[str, Any] = {}
             if drill == "kill -9":
                 victim = next(
                     int(pid)
@@ -629,30 +640,83 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
                     and b"functions/gpu-fault" in Path(f"/proc/{pid}/cmdline").read_bytes()
                 )
                 os.kill(victim, signal.SIGKILL)
-            else:
+            elif drill == "GPU fault":
                 print(f"faults: the fault call answered {call('victim', b'fault')}", flush=True)
-            while call("victim", b"") != 200 and time.monotonic() - began < 120:
-                time.sleep(0.1)
+            else:
+                daemon = _mps_daemon_of("neighbour")
+                servers = asyncio.run(daemon.server_pids()) or []
+                old = daemon.pid()
+                assert old is not None, f"no MPS control daemon runs in {daemon.pipe_dir}"
+                mps = {"gpu": daemon.gpu_index, "daemon_pid": old, "server_pids": servers}
+                began = time.monotonic()
+                for pid in (old, *servers):
+                    os.kill(pid, signal.SIGKILL)
+            if drill == "MPS kill -9":
+                while (
+                    _answering_again(record["neighbour"], began) is None
+                    and time.monotonic() - began < 120
+                ):
+                    time.sleep(0.1)
+            else:
+                while call("victim", b"") != 200 and time.monotonic() - began < 120:
+                    time.sleep(0.1)
             recovered = time.monotonic() - began
             time.sleep(3)
+            if drill == "MPS kill -9":
+                recovered = _answering_again(record["neighbour"], began)
+                mps["new_daemon_pid"] = daemon.pid()
             lost = {
-                name: sum(1 for at, status in calls if at >= began and status != 200)
+                name: sum(1 for at, _, status in calls if at >= began and status != 200)
                 for name, calls in record.items()
             }
             back = {
                 name: max(
-                    (at for at, status in calls if at >= began and status != 200), default=began
+                    (at for at, _, status in calls if at >= began and status != 200),
+                    default=began,
                 )
                 - began
                 for name, calls in record.items()
             }
             outcome[drill] = {"victim_back_s": recovered, "lost": lost, "last_failure_s": back}
+            outcome[drill] |= {"mps": mps} if mps else {}
             print(f"faults: {drill}: {outcome[drill]}", flush=True)
         stop.set()
         for caller in callers:
             caller.join()
         outcome["calls"] = {name: len(calls) for name, calls in record.items()}
     return {"mode": "faults", **outcome}
+
+
+def _mps_daemon_of(function: str) -> Any:
+    """The MPS control daemon (an MpsDaemon) that the provider runs for the GPU of
+    `function`'s first replica, found through the environment of that replica's gate."""
+    from faas_provider.gpu.mps import MpsDaemon
+
+    client = f"openfaas-fn/{function}-".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"faas_provider.gate" not in command or not any(a.startswith(client) for a in command):
+            continue
+        env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+        if "CUDA_MPS_PIPE_DIRECTORY" in env:
+            pipe_dir = Path(env["CUDA_MPS_PIPE_DIRECTORY"])  # <base>/gpu<index>/pipe
+            index = int(pipe_dir.parent.name.removeprefix("gpu"))
+            return MpsDaemon(index, env["CUDA_VISIBLE_DEVICES"], pipe_dir.parents[1])
+    raise RuntimeError(f"no gate of {function} whose GPU has an MPS daemon")
+
+
+def _answering_again(calls: list[tuple[float, float, int]], since: float) -> float | None:
+    """Seconds from `since` until the function answered again: the end of its first call
+    answered 200 that started after its last failed call (calls are (start, end, status));
+    None while there is none."""
+    failed = [end for _, end, status in calls if end >= since and status != 200]
+    after = max(failed, default=since)
+    answered = [end for start, end, status in calls if start >= after and status == 200]
+    return min(answered) - since if answered else None
 
 
 # --- modes, table, results -----------------------------------------------------------------
