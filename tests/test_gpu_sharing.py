@@ -30,6 +30,7 @@ WORK_S = 0.01
 SLEEPY = (
     f"import time\n\n\ndef handle(event, context):\n    time.sleep({WORK_S})\n    return 'ok'\n"
 )
+SM = "fastgshare/gpu_sm_partition"
 VIRTUAL = GpuDevice(
     index=0, uuid="virtual-0", name="virtual", memory_bytes=16 * 1024**3, virtual=True
 )
@@ -266,10 +267,13 @@ async def calling(client: TestClient, bodies: dict[str, bytes]) -> AsyncIterator
         await asyncio.gather(*callers)
 
 
-async def answered_by_another(calls: list[Call], pid: int, timeout_s: float = 20.0) -> None:
-    """Wait until a call in `calls` is answered by a process other than `pid`."""
+async def answered_by_another(
+    calls: list[Call], pid: int, since: int = 0, timeout_s: float = 20.0
+) -> None:
+    """Wait until a call in `calls` (from index `since` on) is answered by a process other
+    than `pid`."""
     for _ in range(int(timeout_s / 0.05)):
-        if any(status == 200 and who != pid for _, status, who in calls):
+        if any(status == 200 and who != pid for _, status, who in calls[since:]):
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"no call was answered by a new replica: {calls[-5:]}")
@@ -351,6 +355,32 @@ async def test_an_mps_fault_on_one_gpu_leaves_another_gpus_replicas_serving(
         await answered_by_another(calls[faulty], pids[faulty])
     assert_recovered(calls[faulty], pids[faulty])
     assert_untouched(calls[other], pids[other])
+
+
+async def test_a_gpu_recycled_again_and_again_restarts_its_replica_at_once_losing_no_call(
+    aiohttp_client: Any,
+    settings: Settings,
+    functions_root: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A recycle is asked for, not a crash: the replica starts again without a backoff that
+    grows, and its gate ends before its runtime, so no call let in meets a runtime gone."""
+    caplog.set_level(logging.INFO, logger="fast_gshare.replica")
+    client, pool = await on_fake_gpus(aiohttp_client, settings, functions_root, 1)
+    assert await faas_cli_deploy(client, {**STEER, "annotations": {SM: "50"}}) == 202
+    await wait_available(client, "steer")
+    daemon = pool.daemon(0)
+    assert daemon is not None
+    await daemon.command("start_server -uid 0")
+    async with calling(client, {"steer": b""}) as calls:
+        await asyncio.sleep(0.2)
+        for _ in range(3):
+            since = len(calls["steer"])
+            await daemon.command("fake_fault")
+            await answered_by_another(calls["steer"], calls["steer"][since - 1][2], since)
+    assert [status for _, status, _ in calls["steer"]] == [200] * len(calls["steer"])
+    assert caplog.text.count("replica steer-0 recycled; starting it again") == 3
+    assert "restarting in" not in caplog.text
 
 
 @pytest.mark.parametrize("killed", ["daemon and server", "server"])

@@ -4,8 +4,9 @@ The replica is started in its own process group, learns its port from the runtim
 `Listening on port: N` line, is ready once `/_/health` answers 200, is health-checked while it
 runs (not ready from its first failed check, checked again every second then, and restarted
 after FAILED_CHECKS_TO_RESTART failures in a row: a runtime that says it lost its GPU never
-answers 200 again), and is restarted with exponential backoff when it exits. Every line it
-writes goes to the function's log store; the provider logs one line per lifecycle event.
+answers 200 again), and is restarted with exponential backoff when it exits (at once, and
+with no longer backoff after, when the provider recycled it). Every line it writes goes to the
+function's log store; the provider logs one line per lifecycle event.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class Replica:
         self._task: asyncio.Task[None] | None = None
         self._exits: asyncio.Queue[_Exit] = asyncio.Queue()
         self._helpers: set[asyncio.Task[None]] = set()
+        self._recycled = False
+        self._ending: asyncio.Task[None] | None = None
         self.restarts = 0
 
     @property
@@ -100,8 +103,9 @@ class Replica:
 
     async def recycle(self) -> None:
         """Take the replica out of service and end its processes now; the supervisor starts
-        them again (after its backoff). Calls meanwhile wait for it to be ready again."""
+        them again at once. Calls meanwhile wait for it to be ready again."""
         self._set_healthy(False)
+        self._recycled = bool(self._processes)
         await self._terminate()
 
     async def _supervise(self) -> None:
@@ -112,9 +116,14 @@ class Replica:
             code, last_line = await self._run_once()
             if self._stopping:
                 return
+            self.restarts += 1
+            if self._recycled:  # asked for, not a crash: at once, and no longer backoff after
+                self._recycled = False
+                log.info("replica %s recycled; starting it again", self.instance)
+                self._on_line(self.instance, "replica recycled; restarting")
+                continue
             if loop.time() - started >= STABLE_AFTER_S:
                 backoff = BACKOFF_FIRST_S
-            self.restarts += 1
             why = f"code {code}: {last_line}" if last_line else f"code {code}"
             log.warning("replica %s exited (%s); restarting in %.0f s", self.instance, why, backoff)
             self._on_line(self.instance, f"replica exited ({why}); restarting")
@@ -275,20 +284,28 @@ class Replica:
         return f"{response.status} {said[:200]}".rstrip()
 
     async def _terminate(self) -> None:
+        """End the processes (one ending at a time: callers that come meanwhile wait for it)."""
+        if self._ending is None or self._ending.done():
+            self._ending = asyncio.create_task(self._end_processes())
+        await asyncio.shield(self._ending)
+
+    async def _end_processes(self) -> None:
+        """SIGTERM to each process group, the gate's first and alone: it finishes the requests
+        it let in, on a runtime still serving; then the runtime's. SIGKILL to one that ignores
+        SIGTERM for STOP_GRACE_S."""
         running = [p for p in self._processes if p.returncode is None]
         if not running:
             return
-        for process in reversed(running):  # the gate first, so no request reaches a dying one
+        for process in reversed(running):
             _signal_group(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), STOP_GRACE_S)
-        except TimeoutError:
-            log.warning(
-                "replica %s ignored SIGTERM for %.0f s; killing", self.instance, STOP_GRACE_S
-            )
-            for process in running:
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                log.warning(
+                    "replica %s ignored SIGTERM for %.0f s; killing", self.instance, STOP_GRACE_S
+                )
                 _signal_group(process.pid, signal.SIGKILL)
-            await asyncio.gather(*(p.wait() for p in running))
+                await process.wait()
         log.info("replica %s stopped", self.instance)
 
     def memory_bytes(self) -> int:
