@@ -625,6 +625,13 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
                 record[name].append((began, time.monotonic(), status))
                 time.sleep(0.02)
 
+        def answering_again(drill: str, began: float) -> float | None:
+            """Seconds from `began` until the drill's victim answered again; None before. In
+            the MPS drill, the neighbour's calls tell; otherwise a call to the victim does."""
+            if drill == "MPS kill -9":
+                return _answering_again(record["neighbour"], began)
+            return time.monotonic() - began if call("victim", b"") == 200 else None
+
         callers = [threading.Thread(target=keep_calling, args=(name,)) for name in bodies]
         for caller in callers:
             caller.start()
@@ -648,22 +655,18 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
                 old = daemon.pid()
                 assert old is not None, f"no MPS control daemon runs in {daemon.pipe_dir}"
                 mps = {"gpu": daemon.gpu_index, "daemon_pid": old, "server_pids": servers}
+                if "far" in functions:
+                    mps["far_on_gpu"] = _mps_daemon_of("far").gpu_index
                 began = time.monotonic()
                 for pid in (old, *servers):
                     os.kill(pid, signal.SIGKILL)
-            if drill == "MPS kill -9":
-                while (
-                    _answering_again(record["neighbour"], began) is None
-                    and time.monotonic() - began < 120
-                ):
-                    time.sleep(0.1)
-            else:
-                while call("victim", b"") != 200 and time.monotonic() - began < 120:
-                    time.sleep(0.1)
-            recovered = time.monotonic() - began
+            while (recovered := answering_again(drill, began)) is None:
+                if time.monotonic() - began > 120:
+                    break
+                time.sleep(0.1)
             time.sleep(3)
             if drill == "MPS kill -9":
-                recovered = _answering_again(record["neighbour"], began)
+                recovered = answering_again(drill, began)  # a failure in these 3 s moves it
                 mps["new_daemon_pid"] = daemon.pid()
             lost = {
                 name: sum(1 for at, _, status in calls if at >= began and status != 200)
