@@ -422,7 +422,7 @@ async def test_a_lost_mps_server_recycles_the_replicas_of_its_gpu_alone(
         what = f"server {server} ended"
     else:
         assert daemon.pid() != old
-        what = f"control daemon (pid {old}) exited; server {server} ended"
+        what = f"control daemon {old} exited; server {server} ended"
     line = f"MPS clients of GPU 0 lost their server ({what}); recycling 1 replica(s): {victim}-0"
     assert caplog.text.count("lost their server") == 1
     assert line in caplog.text

@@ -158,7 +158,7 @@ async def test_watch_restarts_a_killed_daemon(
         await eventually(lambda: losses)
         await asyncio.sleep(0.2)  # several more looks
     assert daemon.pid() != old and await daemon.healthy()
-    assert losses == [ServerLoss(daemon=f"(pid {old}) exited")]
+    assert losses == [ServerLoss(daemon=f"{old} exited")]
     assert caplog.text.count("MPS daemon for GPU 0 started") == 2
     assert f"MPS daemon for GPU 0 exited (pid {old}); restarting in 0.05 s" in caplog.text
 
@@ -176,8 +176,8 @@ async def test_a_daemon_killed_with_its_server_is_one_loss(daemon: MpsDaemon) ->
         os.kill(server, signal.SIGKILL)
         await eventually(lambda: losses)
         await asyncio.sleep(0.2)
-    assert losses == [ServerLoss(servers=(server,), daemon=f"(pid {old}) exited")]
-    assert str(losses[0]) == f"control daemon (pid {old}) exited; server {server} ended"
+    assert losses == [ServerLoss(servers=(server,), daemon=f"{old} exited")]
+    assert str(losses[0]) == f"control daemon {old} exited; server {server} ended"
 
 
 async def test_a_server_that_dies_under_a_live_daemon_is_a_loss(daemon: MpsDaemon) -> None:
@@ -226,7 +226,7 @@ async def test_watch_kills_and_restarts_a_daemon_that_stopped_answering(
         await eventually(lambda: losses)
     assert not _alive(old) and not _alive(server)
     assert daemon.pid() != old and await daemon.healthy()
-    assert losses == [ServerLoss(servers=(server,), daemon=f"(pid {old}) stopped answering")]
+    assert losses == [ServerLoss(servers=(server,), daemon=f"{old} stopped answering")]
     assert f"MPS daemon for GPU 0 stopped answering (pid {old}); restarting" in caplog.text
     assert f"did not quit within 1 s; killed pids [{old}]" in caplog.text
 

@@ -58,7 +58,7 @@ class ServerLoss:
 
     fault: str | None = None  # the first fault line new in the logs
     servers: tuple[int, ...] = ()  # server processes that ended
-    daemon: str | None = None  # what became of the control daemon: "(pid 12) exited"
+    daemon: str | None = None  # what became of the control daemon: "12 exited"
 
     def __str__(self) -> str:
         parts = []
@@ -282,7 +282,7 @@ class MpsDaemon:
                 else:
                     state = "stopped answering" if self.running() else "exited"
                     if daemon_up:
-                        daemon = f"(pid {self.pid()}) {state}"
+                        daemon = f"{self.pid()} {state}"
                     daemon_up = await self._restart(state, delay)
                     delay = backoff_s if daemon_up else min(delay * 2, max_backoff_s)
                     restarted = True
