@@ -163,6 +163,31 @@ async def test_watch_restarts_a_killed_daemon(
     assert f"MPS daemon for GPU 0 exited (pid {old}); restarting in 0.05 s" in caplog.text
 
 
+async def test_a_daemon_that_will_not_restart_is_reported_once(
+    daemon: MpsDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    await daemon.start()
+    old = daemon.pid()
+    assert old is not None
+    daemon.binary = "false"  # every restart from now on fails
+    losses: list[ServerLoss] = []
+
+    async def on_lost(loss: ServerLoss) -> None:
+        losses.append(loss)
+
+    watch = daemon.watch(on_lost, interval_s=0.05, backoff_s=0.05, max_backoff_s=0.1)
+    task = asyncio.create_task(watch)
+    try:
+        os.kill(old, signal.SIGKILL)
+        await eventually(lambda: caplog.text.count("did not restart") >= 3)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert losses == [ServerLoss(daemon=f"{old} exited")]
+    assert "restarting in 0.1 s" in caplog.text, "the next tries back off"
+
+
 async def test_a_daemon_killed_with_its_server_is_one_loss(daemon: MpsDaemon) -> None:
     await daemon.start()
     losses: list[ServerLoss] = []
