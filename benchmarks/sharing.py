@@ -637,6 +637,7 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
             caller.start()
         time.sleep(2)
         for drill in ("kill -9", "GPU fault", "MPS kill -9"):
+            _wait_all_available(base)  # the last drill's recycled replicas are back
             began = time.monotonic()
             mps: dict[str, Any] = {}
             if drill == "kill -9":
@@ -688,6 +689,20 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
             caller.join()
         outcome["calls"] = {name: len(calls) for name, calls in record.items()}
     return {"mode": "faults", **outcome}
+
+
+def _wait_all_available(base: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
+    """Wait until every function of the provider at `base` has all its replicas available."""
+    import urllib.request
+
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        with urllib.request.urlopen(f"{base}/system/functions", timeout=5) as answer:
+            listed = json.loads(answer.read())
+        if all(f["availableReplicas"] >= f["replicas"] for f in listed):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the functions were not all available again within {timeout_s:.0f} s")
 
 
 def _mps_daemon_of(function: str) -> Any:
