@@ -4,7 +4,8 @@ A CPU stand-in plays a GPU at 100% SMs: every request of every function holds on
 lock (fcntl.flock on a shared file) for a measured sleep, so the work of all replicas is
 serialised as on a saturated card, however many requests each replica has in flight. Each
 function is driven by four closed-loop callers; a function's share is its completed work (every
-request is the same work) over all the work done.
+request is the same work) over all the work done. Requests are long beside the HTTP path
+(20 ms, in 200 ms windows), so that two loaded cores measure the quotas, not their own delays.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.settings import Settings
 from tests.conftest import faas_cli_deploy, wait_available
 
-WORK_S = 0.01  # the stand-in GPU time of one request
+WORK_S = 0.02  # the stand-in GPU time of one request
 CALLERS = 4  # closed-loop callers a function, as many as the runtime's default handler threads
 MEASURED_S = 4.0
+WINDOW_S = 0.2  # the scheduler's window: a 0.1 request is one request's work
 VIRTUAL = GpuDevice(
     index=0, uuid="virtual-0", name="virtual", memory_bytes=16 * 1024**3, virtual=True
 )
@@ -67,7 +69,7 @@ async def gpu_client(
         (functions_root / name).mkdir()
         (functions_root / name / "handler.py").write_text(source)
     backend = LocalBackend(
-        settings.state_dir, functions_root, gpus=GpuPool([VIRTUAL], window_s=0.1)
+        settings.state_dir, functions_root, gpus=GpuPool([VIRTUAL], window_s=WINDOW_S)
     )
     return await aiohttp_client(create_app(backend, settings))
 
