@@ -242,3 +242,22 @@ def test_overrun_counts_only_while_someone_who_could_run_waits() -> None:
     alone.schedule(0.0)
     alone.release("greedy", 0.045)  # 35 ms past its lease, but nobody waited
     assert alone.used("greedy", 0.1) == 0.0, "under its limit and nobody's time: forgiven"
+
+
+def test_overrun_its_request_paid_for_is_not_owed_again() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("kept", 100, 0.6, 1.0)
+    scheduler.register("greedy", 100, 0.1, 1.0)
+    scheduler.want("kept", 0.06)
+    (grant,) = scheduler.schedule(0.06)
+    assert grant.lease_end == pytest.approx(0.1), "to the window's end"
+    scheduler.want("greedy", 0.08)
+    scheduler.release("kept", 0.105)  # drained 5 ms into the next window while greedy waited
+    assert scheduler.used("kept", 0.105) == pytest.approx(0.005), "charged in this window"
+    scheduler.want("kept", 0.105)
+    assert [g.client for g in scheduler.schedule(0.105)] == ["greedy"]
+    scheduler.release("greedy", 0.115)
+    (grant,) = scheduler.schedule(0.115)
+    assert grant.lease_end == pytest.approx(0.17), "55 ms: the rest of its 60"
+    scheduler.release("kept", 0.17)
+    assert scheduler.used("kept", 0.2) == 0.0, "its request paid for the 5 ms: no debt"

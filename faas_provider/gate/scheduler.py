@@ -8,8 +8,10 @@ partitions sum to at most 100, so temporal sharing keeps what MPS's spatial shar
 A lease ends at the window's end or when the client's current budget (request, then limit) is
 spent; work that runs on past it is charged all the same. Into the next window a client
 carries as debt what its window's charge exceeds its limit by, or, if more, the time it ran
-past its lease while a client that could run waited: time taken from others, which a limit
-of 1 would otherwise forgive. A holder whose lease ran out may renew
+past its lease while a client that could run waited, as far as its charge passed its request:
+time taken from others, which a limit of 1 would otherwise forgive. (Overrun within its
+request has cost it its own budget already, as time run past a window's end does in the
+next.) A holder whose lease ran out may renew
 it without giving the token back while its budget allows and no one else can be served: then
 its replica never stalls at a window's edge. A holder may also go idle and keep its token,
 uncharged, so that its next request needs no new grant. When a client with budget waits for
@@ -209,7 +211,9 @@ class QuotaScheduler:
             windows = 1 if busy else int((now - end) // self.window_s) + 1
             for state in self._clients.values():
                 budget = state.limit * self.window_s
-                debt = max(state.used_s - budget, state.overrun_s)
+                # overrun its request did not pay for (run past the request, it was forgiven)
+                unpaid = min(state.overrun_s, state.used_s - state.request * self.window_s)
+                debt = max(state.used_s - budget, unpaid)
                 state.used_s = max(0.0, debt - (windows - 1) * budget)
                 state.overrun_s = 0.0
             self._windows += windows
