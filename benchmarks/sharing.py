@@ -352,12 +352,14 @@ def drive(
     seconds: float,
     clients: int = CLIENTS_PER_FUNCTION,
     handler_times: list[float] | None = None,
+    body: bytes | None = None,
 ) -> dict[str, list[float]]:
     """Closed-loop clients, `clients` per function, for `seconds` after a ramp: latencies.
     `handler_times` collects each answer's X-Duration-Seconds (the time the replica's
-    handler took), to tell the function's own time from the path's."""
+    handler took), to tell the function's own time from the path's. Every request sends
+    `body` (default: a 224 x 224 JPEG)."""
     targets = {name: f"{base}/function/{name}" for name in names}
-    return drive_urls(targets, seconds, clients, handler_times)
+    return drive_urls(targets, seconds, clients, handler_times, body)
 
 
 def drive_urls(
@@ -365,6 +367,7 @@ def drive_urls(
     seconds: float,
     clients: int = CLIENTS_PER_FUNCTION,
     handler_times: list[float] | None = None,
+    body: bytes | None = None,
 ) -> dict[str, list[float]]:
     """As `drive`, against each name's URL."""
     names = list(targets)
@@ -372,7 +375,8 @@ def drive_urls(
 
     import aiohttp
 
-    body = _jpeg()
+    if body is None:
+        body = _jpeg()
 
     async def run() -> dict[str, list[float]]:
         latencies: dict[str, list[float]] = {name: [] for name in names}
@@ -517,28 +521,86 @@ def partitions(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": "partitions", "img_s": rates, "ratio_25_to_100": rates[25] / rates[100]}
 
 
+TEXT = ("A transformer encodes this text for the time-quota drill. " * 9).encode()[:511]
+TEXT_ENCODER = "fast-gshare/text-encoder:0.1.0"
+
+
 def quotas(args: argparse.Namespace) -> dict[str, Any]:
-    """Two greedy functions (whole SMs each, batch 8) with limits 0.3 and 0.7; then one with
-    request 0.5 beside three greedy neighbours (request 0.1, limit 1)."""
+    """Time shares through the gates, each function at 100% of the SMs, shares of the completed
+    work (every request of a case is the same work):
+
+    - limits: two greedy ResNet-50 functions (batch 8 a request) with limits 0.3 and 0.7;
+    - request: ResNet-50 with request 0.5 beside three greedy neighbours (request 0.1, limit 1);
+    - text-encoder: four text-encoder functions (handle() only, on the runtime's 4 threads, so
+      4 requests in flight a replica), one with request 0.6, three with request 0.1, limit 1,
+      4 closed-loop clients each, a 512-token text a request; the 0.6 function's share should
+      be within 5 points of 60%;
+    - text-encoder-max-inflight-1: the same with max_inflight=1 on every function;
+    - batched: as text-encoder with ResNet-50 functions (batch 8 a request), whose runtime
+      calls handle_batch with the requests that wait together.
+
+    The token service's charges stay inside the provider: the shares are of the work done.
+    """
     heavy = {"RESNET50_BATCH": "8"}
-    cases = {
-        "limits": {
-            "limit-30": _shared(100, limit=0.3, environment=heavy),
-            "limit-70": _shared(100, limit=0.7, environment=heavy),
-        },
-        "request": {
-            "request-50": _shared(100, request=0.5, environment=heavy),
-            **{f"greedy-{i}": _shared(100, request=0.1, environment=heavy) for i in range(3)},
-        },
+    one_at_a_time = {"max_inflight": "1"}
+
+    def against_three(kept: dict[str, Any], greedy: dict[str, Any]) -> dict[str, Any]:
+        return {"request-60": kept, **{f"greedy-{i}": greedy for i in range(3)}}
+
+    cases: dict[str, tuple[dict[str, Any], int, bytes | None]] = {  # functions, clients, body
+        "limits": (
+            {
+                "limit-30": _shared(100, limit=0.3, environment=heavy),
+                "limit-70": _shared(100, limit=0.7, environment=heavy),
+            },
+            CLIENTS_PER_FUNCTION,
+            None,
+        ),
+        "request": (
+            {
+                "request-50": _shared(100, request=0.5, environment=heavy),
+                **{f"greedy-{i}": _shared(100, request=0.1, environment=heavy) for i in range(3)},
+            },
+            CLIENTS_PER_FUNCTION,
+            None,
+        ),
+        "text-encoder": (
+            against_three(
+                _shared(100, request=0.6, image=TEXT_ENCODER),
+                _shared(100, request=0.1, image=TEXT_ENCODER),
+            ),
+            4,
+            TEXT,
+        ),
+        "text-encoder-max-inflight-1": (
+            against_three(
+                _shared(100, request=0.6, image=TEXT_ENCODER, environment=one_at_a_time),
+                _shared(100, request=0.1, image=TEXT_ENCODER, environment=one_at_a_time),
+            ),
+            4,
+            TEXT,
+        ),
+        "batched": (
+            against_three(
+                _shared(100, request=0.6, environment=heavy),
+                _shared(100, request=0.1, environment=heavy),
+            ),
+            4,
+            None,
+        ),
     }
     shares = {}
-    for case, functions in cases.items():
-        print(f"quotas: {case}", flush=True)
+    for case, (functions, clients, body) in cases.items():
+        print(f"quotas: {case}, {clients} clients a function", flush=True)
         with provider(functions) as base:
-            latencies = drive(base, list(functions), args.seconds / 2)
+            latencies = drive(base, list(functions), args.seconds / 2, clients, body=body)
         total = sum(len(v) for v in latencies.values())
         shares[case] = {name: len(v) / total for name, v in latencies.items()}
-        print(f"quotas: {case} shares {shares[case]}", flush=True)
+        print(f"quotas: {case} shares of the work {shares[case]}", flush=True)
+        if "request-60" in shares[case]:
+            kept = shares[case]["request-60"]
+            verdict = "within" if abs(kept - 0.6) <= 0.05 else "NOT within"
+            print(f"quotas: {case}: request 0.6 got {kept:.1%}, {verdict} 5 points", flush=True)
     return {"mode": "quotas", "shares": shares}
 
 

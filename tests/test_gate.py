@@ -1,5 +1,6 @@
 """The gate and the token service over their real Unix socket: loss and return of the service,
-a dead gate's share given back, the gate's HTTP front."""
+a dead gate's share given back, the gate's HTTP front, admission while someone waits; the
+gate's estimate of when the work it admitted ends, with numbers."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from faas_provider.gate.__main__ import create_gate_app
-from faas_provider.gate.gate import QuotaGate, Registration, SchedulerUnavailable
+from faas_provider.gate.gate import QuotaGate, Registration, SchedulerUnavailable, WorkEstimate
 from faas_provider.gate.service import TokenService
 
 
@@ -156,3 +158,63 @@ async def test_an_idle_gate_keeps_its_token_until_a_neighbour_needs_the_room(
         await asyncio.sleep(0.05)  # the neighbour idles: now it is asked to yield
         await asyncio.wait_for(following, 0.5)
         await idler.__aexit__(None, None, None)
+
+
+def test_the_work_estimate_of_requests_queued_on_one_device() -> None:
+    work = WorkEstimate()
+    for running in range(4):  # four requests start together; no pace known yet
+        work.started(0.0, running)
+    assert work.fits(0.0, 0.0), "before any request ended, nothing is known to overrun"
+    work.finished(0.01, 3)  # they run one after another, 10 ms each
+    assert work.pace_s == pytest.approx(0.01)
+    # three still run: done at 40 ms; a fifth would end at 50
+    assert work.fits(0.01, 0.05)
+    assert not work.fits(0.01, 0.049)
+    work.started(0.01, 3)
+    assert not work.fits(0.01, 0.06 - 1e-6), "a sixth would end at 60 ms"
+    for index, now in enumerate((0.02, 0.03, 0.04, 0.05)):
+        work.finished(now, 3 - index)
+    assert work.pace_s == pytest.approx(0.01)
+    assert work.fits(0.05, 0.0601), "nothing runs: one request, 10 ms"
+    assert not work.fits(0.05, 0.059)
+
+
+def test_the_work_estimate_of_a_batch_is_its_cost_per_request() -> None:
+    work = WorkEstimate()
+    for batch in range(20):  # batches of four that take 20 ms each, back to back
+        began = batch * 0.02
+        for running in range(4):
+            work.started(began, running)
+        for running in (3, 2, 1, 0):
+            work.finished(began + 0.02, running)
+    assert work.pace_s == pytest.approx(0.005)
+    for running in range(4):
+        work.started(1.0, running)
+    assert work.fits(1.0, 1.0251), "four more, one batch: 20 ms, and 5 for one more request"
+    assert not work.fits(1.0, 1.024)
+
+
+async def test_a_busy_gate_asked_to_yield_starts_only_what_ends_within_its_lease(
+    tmp_path: Path,
+) -> None:
+    window_s, pace_s = 0.6, 0.03
+    loop = asyncio.get_running_loop()
+    origin = loop.time()  # the scheduler's first window starts a little later
+    async with two_gates(tmp_path, window_s, "holder", "waiter") as (holder, waiter):
+        device = asyncio.Lock()  # the holder's requests run one at a time, 30 ms each
+        stop = asyncio.Event()
+
+        async def caller() -> None:
+            while not stop.is_set():
+                async with holder, device:
+                    await asyncio.sleep(pace_s)
+
+        callers = [asyncio.create_task(caller()) for _ in range(4)]
+        await asyncio.sleep(0.2)  # four requests in flight all along; the pace is known
+        async with waiter:  # it waits for the holder's lease, to the window's end
+            entered = loop.time()
+            stop.set()
+        await asyncio.gather(*callers)
+    # Admitting every request while its lease lasted, the holder would drain up to four
+    # requests (about 100 ms) past it; it started only what ends within it.
+    assert entered - (origin + window_s) < 2 * pace_s

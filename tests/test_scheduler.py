@@ -163,7 +163,7 @@ def test_an_idle_holder_keeps_its_token_and_is_not_charged_while_idle() -> None:
     assert scheduler.schedule(0.28) == [], "the idle holder still keeps its room"
 
 
-def test_idle_holders_in_the_way_of_a_waiting_client_are_asked_to_yield() -> None:
+def test_holders_in_the_way_of_a_waiting_client_are_asked_to_yield() -> None:
     scheduler = QuotaScheduler(WINDOW)
     scheduler.register("idle", 40, 1.0, 1.0)
     scheduler.register("busy", 30, 1.0, 1.0)
@@ -171,16 +171,15 @@ def test_idle_holders_in_the_way_of_a_waiting_client_are_asked_to_yield() -> Non
     for client in ("idle", "busy"):
         scheduler.want(client, 0.0)
     assert len(scheduler.schedule(0.0)) == 2
+    assert scheduler.in_the_way(0.0) == [], "nobody waits"
     scheduler.idle("idle", 0.01)
     scheduler.want("waiter", 0.02)
     assert scheduler.schedule(0.02) == []
-    assert scheduler.in_the_way(0.02) == ["idle"], "busy holders finish their work first"
-    scheduler.busy("idle", 0.021)  # it ran again before it read the request to yield
-    assert scheduler.in_the_way(0.021) == []
-    scheduler.idle("idle", 0.03)
-    assert scheduler.in_the_way(0.03) == ["idle"]
+    # The idle one gives its token back; the busy one starts nothing past its lease.
+    assert scheduler.in_the_way(0.02) == ["idle", "busy"]
     scheduler.release("idle", 0.031)
     assert [g.client for g in scheduler.schedule(0.031)] == ["waiter"]
+    assert scheduler.in_the_way(0.031) == [], "the waiter runs: nobody waits"
 
 
 def test_a_waiter_without_budget_does_not_move_idle_holders() -> None:
@@ -203,3 +202,62 @@ def test_bad_shares_are_refused() -> None:
     for sm, request, limit in ((0, 0.5, 1.0), (50, 0.6, 0.5), (50, 0.0, 1.0), (101, 1, 1)):
         with pytest.raises(ValueError):
             scheduler.register("x", sm, request, limit)
+
+
+def test_running_past_the_lease_while_another_waits_is_debt_even_under_the_limit() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("kept", 100, 0.6, 1.0)
+    scheduler.register("greedy", 100, 0.1, 1.0)
+    scheduler.want("greedy", 0.0)
+    (grant,) = scheduler.schedule(0.0)
+    assert grant.lease_end == pytest.approx(0.01)
+    scheduler.want("kept", 0.005)
+    assert scheduler.schedule(0.005) == []
+    # Four requests in flight drain 30 ms past the lease while kept, who could run, waits.
+    scheduler.release("greedy", 0.04)
+    (grant,) = scheduler.schedule(0.04)
+    assert grant.client == "kept"
+    scheduler.release("kept", 0.1)
+    # 40 ms is well under greedy's limit of 100, but 30 of them were kept's: they are owed.
+    assert scheduler.used("greedy", 0.1) == pytest.approx(0.03)
+    assert scheduler.used("kept", 0.1) == 0.0, "kept ran within its lease"
+    scheduler.want("greedy", 0.1)
+    scheduler.want("kept", 0.1)
+    assert [g.client for g in scheduler.schedule(0.1)] == ["kept"], "greedy has no request left"
+
+
+def test_overrun_counts_only_while_someone_who_could_run_waits() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("kept", 100, 0.6, 1.0)
+    scheduler.register("greedy", 100, 0.1, 1.0)
+    scheduler.want("greedy", 0.0)
+    scheduler.schedule(0.0)  # a 10 ms lease
+    scheduler.want("kept", 0.03)  # kept waits from 30 ms on
+    scheduler.release("greedy", 0.045)
+    assert scheduler.used("greedy", 0.1) == pytest.approx(0.015), "from 30 ms to 45 ms"
+
+    alone = QuotaScheduler(WINDOW)
+    alone.register("greedy", 100, 0.1, 1.0)
+    alone.want("greedy", 0.0)
+    alone.schedule(0.0)
+    alone.release("greedy", 0.045)  # 35 ms past its lease, but nobody waited
+    assert alone.used("greedy", 0.1) == 0.0, "under its limit and nobody's time: forgiven"
+
+
+def test_overrun_its_request_paid_for_is_not_owed_again() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("kept", 100, 0.6, 1.0)
+    scheduler.register("greedy", 100, 0.1, 1.0)
+    scheduler.want("kept", 0.06)
+    (grant,) = scheduler.schedule(0.06)
+    assert grant.lease_end == pytest.approx(0.1), "to the window's end"
+    scheduler.want("greedy", 0.08)
+    scheduler.release("kept", 0.105)  # drained 5 ms into the next window while greedy waited
+    assert scheduler.used("kept", 0.105) == pytest.approx(0.005), "charged in this window"
+    scheduler.want("kept", 0.105)
+    assert [g.client for g in scheduler.schedule(0.105)] == ["greedy"]
+    scheduler.release("greedy", 0.115)
+    (grant,) = scheduler.schedule(0.115)
+    assert grant.lease_end == pytest.approx(0.17), "55 ms: the rest of its 60"
+    scheduler.release("kept", 0.17)
+    assert scheduler.used("kept", 0.2) == 0.0, "its request paid for the 5 ms: no debt"

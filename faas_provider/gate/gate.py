@@ -9,6 +9,13 @@ ones finish, the token is returned and a new one is granted. A gate idle for a s
 without a round trip. It gives the token back when the scheduler asks it to (someone waits for
 the room it keeps), or when its lease is over at the end of a request.
 The same gate runs as a sidecar on Kubernetes and as a process beside each replica locally.
+
+A replica may run several requests at once (handler threads, batches, forked processes) whose
+work queues on the GPU, so the requests admitted under a lease can keep it busy well past the
+lease's end, at the expense of whoever waits. While someone waits (the scheduler has asked the
+gate to yield), the gate therefore starts a request only when nothing runs or when the work
+admitted, at the replica's measured pace (busy time per completed request), is expected to end
+by the lease's end. Nobody waiting, it admits every request as it comes.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +47,44 @@ class Registration:
     quota_limit: float
 
 
+class WorkEstimate:
+    """When the requests a replica is running will be done, from its measured pace. Pure: every
+    method takes the current time (seconds) and the number of requests running.
+
+    The pace is the busy time per completed request: the mean, over the last PACE_SAMPLES
+    completions, of each one's time since the one before it (or since the replica got busy).
+    It holds for work that queues on one device (k requests running end about k paces after
+    the last completion) as for batches (a batch of k costs about k paces)."""
+
+    PACE_SAMPLES = 16  # completions the pace is the mean of: a few batches' worth
+
+    def __init__(self) -> None:
+        self._took: deque[float] = deque(maxlen=self.PACE_SAMPLES)
+        self._mark = 0.0  # the last completion, or when the replica got busy
+        self._end = 0.0  # when the requests running are expected to be done
+
+    @property
+    def pace_s(self) -> float:
+        """The measured busy time per completed request; 0 until a request has completed."""
+        return sum(self._took) / len(self._took) if self._took else 0.0
+
+    def started(self, now: float, running: int) -> None:
+        """A request starts; `running` were running before it."""
+        if running == 0:
+            self._mark = self._end = now
+        self._end = max(now, self._end) + self.pace_s
+
+    def finished(self, now: float, running: int) -> None:
+        """A request ended; `running` still run."""
+        self._took.append(now - self._mark)
+        self._mark = now
+        self._end = now + running * self.pace_s
+
+    def fits(self, now: float, deadline: float) -> bool:
+        """Whether one more request, started now, is expected to end by `deadline`."""
+        return max(now, self._end) + self.pace_s <= deadline
+
+
 class QuotaGate:
     """Admits requests while this replica holds a token; `async with gate:` around each one."""
 
@@ -54,7 +100,9 @@ class QuotaGate:
         self._idle_reported = False
         self._lease_end = 0.0
         self._renewal_refused = False
+        self._yield_asked = False  # someone waits for the room this gate's token keeps
         self._in_flight = 0
+        self._work = WorkEstimate()
         self._linger: asyncio.TimerHandle | None = None
 
     async def connect(self) -> None:
@@ -95,8 +143,11 @@ class QuotaGate:
             if self._idle_reported:  # it kept its token while idle and runs again
                 self._idle_reported = False
                 self._send(b'{"op": "busy"}\n')
-            while not (self._holding and loop.time() < self._lease_end):
-                if self._holding and not self._renewal_refused:
+            while not self._may_start(loop.time()):
+                leased = loop.time() < self._lease_end
+                if self._holding and leased:
+                    await self._condition.wait()  # someone waits: this one would overrun
+                elif self._holding and not self._renewal_refused:
                     lease = await self._ask("renew")
                     self._renewal_refused = lease == 0
                     self._lease_end = loop.time() + lease
@@ -108,6 +159,7 @@ class QuotaGate:
                     lease = await self._ask("acquire")
                     self._holding, self._renewal_refused = True, False
                     self._lease_end = loop.time() + lease
+            self._work.started(loop.time(), self._in_flight)
             self._in_flight += 1
             if self._linger is not None:
                 self._linger.cancel()
@@ -122,12 +174,22 @@ class QuotaGate:
         loop = asyncio.get_running_loop()
         async with self._condition:
             self._in_flight -= 1
+            self._work.finished(loop.time(), self._in_flight)
             if self._in_flight == 0 and self._holding:
                 if loop.time() >= self._lease_end:
                     self._release()
                 else:
                     self._linger = loop.call_later(self._linger_s, self._report_idle)
             self._condition.notify_all()
+
+    def _may_start(self, now: float) -> bool:
+        """Whether a request may start now: under a lease and, while someone waits, when
+        nothing runs or it is expected to end by the lease's end."""
+        if not (self._holding and now < self._lease_end):
+            return False
+        return (
+            not self._yield_asked or self._in_flight == 0 or self._work.fits(now, self._lease_end)
+        )
 
     async def _ask(self, op: str) -> float:
         """Send `acquire` or `renew`; the lease granted, in seconds (0: renewal refused)."""
@@ -153,7 +215,11 @@ class QuotaGate:
                 if message.get("op") == "yield":
                     if self._idle_reported and self._in_flight == 0 and self._answer is None:
                         self._release()
+                    else:
+                        self._yield_asked = True
                 elif self._answer is not None and not self._answer.done():
+                    # A new lease, or a refusal: the yields that follow are asked anew.
+                    self._yield_asked = False
                     self._answer.set_result(float(message["lease_s"]))
         except (ConnectionError, ValueError, KeyError) as error:
             log.warning("token service connection: %s", error)
@@ -170,7 +236,7 @@ class QuotaGate:
             self._writer.write(message)
 
     def _release(self) -> None:
-        self._holding = self._idle_reported = False
+        self._holding = self._idle_reported = self._yield_asked = False
         self._send(b'{"op": "release"}\n')
 
     def _report_idle(self) -> None:

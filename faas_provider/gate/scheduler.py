@@ -6,12 +6,18 @@ are served first (least served first), then those under their limit; nobody is g
 limit. Tokens are not exclusive: several clients hold them at once as long as their SM
 partitions sum to at most 100, so temporal sharing keeps what MPS's spatial sharing gains.
 A lease ends at the window's end or when the client's current budget (request, then limit) is
-spent; work that runs on past it is charged all the same, and what a window's charge exceeds
-the limit by is carried into the next window as debt. A holder whose lease ran out may renew
+spent; work that runs on past it is charged all the same. Into the next window a client
+carries as debt what its window's charge exceeds its limit by, or, if more, the time it ran
+past its lease while a client that could run waited, as far as its charge passed its request:
+time taken from others, which a limit of 1 would otherwise forgive. (Overrun within its
+request has cost it its own budget already, as time run past a window's end does in the
+next.) A holder whose lease ran out may renew
 it without giving the token back while its budget allows and no one else can be served: then
 its replica never stalls at a window's edge. A holder may also go idle and keep its token,
-uncharged, so that its next request needs no new grant; when a client with budget waits for
-the room an idle holder keeps, `in_the_way` names it, to be asked for its token back.
+uncharged, so that its next request needs no new grant. When a client with budget waits for
+the room holders keep, `in_the_way` names them, to be asked to yield: an idle holder gives its
+token back, a busy one starts no work that would run past its lease (work it cannot stop once
+started, so the overrun is bounded where it begins).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class _Client:
     waiting_since: float | None = None
     holding: bool = False
     busy_since: float | None = None  # holding and charged since; None while it idles
+    lease_end: float = 0.0  # of its last grant or renewal
+    overrun_s: float = 0.0  # run past its lease in this window while another could run
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class QuotaScheduler:
         self._roll(now)
         state = self._clients.get(client)
         if state is not None and state.busy_since is not None:
+            state.overrun_s += self._overrun(state, now)
             state.used_s += now - state.busy_since
             state.busy_since = None
 
@@ -117,17 +126,18 @@ class QuotaScheduler:
             assert lease_end is not None  # it is in a tier: it has budget
             free_sm -= state.sm_percent
             state.waiting_since = None
-            state.holding, state.busy_since = True, now
+            state.holding, state.busy_since, state.lease_end = True, now, lease_end
             grants.append(Grant(name, lease_end))
         return grants
 
     def in_the_way(self, now: float) -> list[str]:
-        """The idle holders to ask for their tokens back: all of them while a client that has
-        budget waits (after `schedule`, it waits for room)."""
+        """The holders to ask to yield: all of them while a client that has budget waits
+        (after `schedule`, it waits for room). An idle one gives its token back at once; a busy
+        one starts no work that would run past its lease, and is refused renewal."""
         self._roll(now)
         if not self._a_waiter_could_run(now):
             return []
-        return [name for name, c in self._clients.items() if c.holding and c.busy_since is None]
+        return [name for name, c in self._clients.items() if c.holding]
 
     def renew(self, client: str, now: float) -> Grant | None:
         """A new lease for a holder whose lease ran out, without giving its token back; None
@@ -139,7 +149,10 @@ class QuotaScheduler:
         if self._a_waiter_could_run(now):
             return None  # someone who could run now waits: the holder steps aside
         lease_end = self._lease_end(state, self._charged(state, now), now)
-        return Grant(client, lease_end) if lease_end is not None else None
+        if lease_end is None:
+            return None
+        state.lease_end = lease_end
+        return Grant(client, lease_end)
 
     def waiting(self) -> bool:
         """Whether some client waits for a token (then schedule again at `window_end`)."""
@@ -171,6 +184,18 @@ class QuotaScheduler:
         busy = now - state.busy_since if state.busy_since is not None else 0.0
         return state.used_s + busy
 
+    def _overrun(self, state: _Client, now: float) -> float:
+        """How long the busy `state` has run, since it was last charged and up to `now`, past
+        its lease while a client that could run waited for a token."""
+        waiting = [
+            c.waiting_since
+            for c in self._clients.values()
+            if c.waiting_since is not None and self._lease_end(c, c.used_s, now) is not None
+        ]
+        if state.busy_since is None or not waiting:
+            return 0.0
+        return max(0.0, now - max(state.busy_since, state.lease_end, min(waiting)))
+
     def _roll(self, now: float) -> None:
         """Close every window that ended by `now`: charge busy holders up to its end, carry
         debt."""
@@ -179,11 +204,17 @@ class QuotaScheduler:
             busy = False
             for state in self._clients.values():
                 if state.busy_since is not None:
+                    state.overrun_s += self._overrun(state, end)
                     state.used_s += end - state.busy_since
                     state.busy_since = end
                     busy = True
             windows = 1 if busy else int((now - end) // self.window_s) + 1
             for state in self._clients.values():
-                state.used_s = max(0.0, state.used_s - windows * state.limit * self.window_s)
+                budget = state.limit * self.window_s
+                # overrun its request did not pay for (run past the request, it was forgiven)
+                unpaid = min(state.overrun_s, state.used_s - state.request * self.window_s)
+                debt = max(state.used_s - budget, unpaid)
+                state.used_s = max(0.0, debt - (windows - 1) * budget)
+                state.overrun_s = 0.0
             self._windows += windows
             self.window_end = self._origin + self._windows * self.window_s  # no drift

@@ -7,8 +7,9 @@ The protocol is JSON lines on one connection per gate. The gate's first line reg
 to keep the token or `{"lease_s": 0}` to give it back, and `{"op": "release"}` returns it
 (no answer). `{"op": "idle"}` says the holder runs nothing now and keeps its token, uncharged;
 `{"op": "busy"}` that it runs again (no answer to either). While a client that could run waits
-for the room idle holders keep, the service sends each of them `{"op": "yield"}`: a gate still
-idle when it reads that releases its token. A closed connection returns its token and removes
+for the room holders keep, the service sends each of them `{"op": "yield"}` (in the same write
+as a grant it follows): a gate still idle when it reads that releases its token; a busy one
+starts no request that would run past its lease. A closed connection returns its token and removes
 the client, so a gate that dies frees its share. The local backend runs this service inside
 the provider; on Kubernetes the node agent runs it.
 """
@@ -105,15 +106,15 @@ class TokenService:
         client to yield theirs, and look again when the window ends."""
         scheduler = self._schedulers[gpu]
         now = _now()
+        messages: dict[str, bytes] = {}
         for grant in scheduler.schedule(now):
-            writer = self._writers.get((gpu, grant.client))
-            if writer is not None:
-                lease = max(0.0, grant.lease_end - now)
-                writer.write(b'{"lease_s": %.6f}\n' % lease)
+            messages[grant.client] = b'{"lease_s": %.6f}\n' % max(0.0, grant.lease_end - now)
         for client in scheduler.in_the_way(now):
+            messages[client] = messages.get(client, b"") + b'{"op": "yield"}\n'
+        for client, message in messages.items():
             writer = self._writers.get((gpu, client))
             if writer is not None:
-                writer.write(b'{"op": "yield"}\n')
+                writer.write(message)  # one write: a grant and its request to yield read as one
         timer = self._timers.pop(gpu, None)
         if timer is not None:
             timer.cancel()
