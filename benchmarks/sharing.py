@@ -539,7 +539,10 @@ def quotas(args: argparse.Namespace) -> dict[str, Any]:
     - batched: as text-encoder with ResNet-50 functions (batch 8 a request), whose runtime
       calls handle_batch with the requests that wait together.
 
-    The token service's charges stay inside the provider: the shares are of the work done.
+    Each case reports the shares of the work done and of the GPU time the token service
+    charged (its busy time per replica, asked of the service before and after the run): with
+    several requests in flight, a replica that holds its token longer runs more of them side
+    by side, so the two differ; the quotas are of GPU time.
     """
     heavy = {"RESNET50_BATCH": "8"}
     one_at_a_time = {"max_inflight": "1"}
@@ -589,19 +592,58 @@ def quotas(args: argparse.Namespace) -> dict[str, Any]:
             None,
         ),
     }
-    shares = {}
+    shares, gpu_time = {}, {}
     for case, (functions, clients, body) in cases.items():
         print(f"quotas: {case}, {clients} clients a function", flush=True)
         with provider(functions) as base:
+            first = next(iter(functions))
+            before = _charged_gpu_seconds(first)
             latencies = drive(base, list(functions), args.seconds / 2, clients, body=body)
+            after = _charged_gpu_seconds(first)
         total = sum(len(v) for v in latencies.values())
         shares[case] = {name: len(v) / total for name, v in latencies.items()}
+        used = {name: after[name] - before.get(name, 0.0) for name in functions}
+        gpu_time[case] = {name: seconds / sum(used.values()) for name, seconds in used.items()}
         print(f"quotas: {case} shares of the work {shares[case]}", flush=True)
+        print(f"quotas: {case} shares of the GPU time charged {gpu_time[case]}", flush=True)
         if "request-60" in shares[case]:
-            kept = shares[case]["request-60"]
-            verdict = "within" if abs(kept - 0.6) <= 0.05 else "NOT within"
-            print(f"quotas: {case}: request 0.6 got {kept:.1%}, {verdict} 5 points", flush=True)
-    return {"mode": "quotas", "shares": shares}
+            for what, share in (("work", shares[case]), ("GPU time", gpu_time[case])):
+                kept = share["request-60"]
+                verdict = "within" if abs(kept - 0.6) <= 0.05 else "NOT within"
+                print(
+                    f"quotas: {case}: request 0.6 got {kept:.1%} of the {what}, {verdict} 5 points",
+                    flush=True,
+                )
+    return {"mode": "quotas", "shares": shares, "gpu_time_shares": gpu_time}
+
+
+def _charged_gpu_seconds(function: str) -> dict[str, float]:
+    """GPU time the provider's token service has charged each function's replicas (seconds,
+    summed over replicas), asked of the service over its socket, found in the arguments of a
+    gate of `function`."""
+    import socket
+
+    client = f"openfaas-fn/{function}-"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "faas_provider.gate" in command and any(a.startswith(client) for a in command):
+            path = command[command.index("--token-socket") + 1]
+            break
+    else:
+        raise RuntimeError(f"no gate of {function} runs: no token service to ask")
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(path)
+        connection.sendall(b'{"op": "stats"}\n')
+        answer = connection.makefile("rb").readline()
+    by_function: dict[str, float] = {}
+    for clients in json.loads(answer).values():
+        for client, seconds in clients.items():  # "<namespace>/<function>-<index>"
+            function = client.split("/", 1)[1].rsplit("-", 1)[0]
+            by_function[function] = by_function.get(function, 0.0) + seconds
+    return by_function
 
 
 def memory_cap(args: argparse.Namespace) -> dict[str, Any]:

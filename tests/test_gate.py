@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,19 @@ async def test_a_busy_gate_asked_to_yield_starts_only_what_ends_within_its_lease
     # Admitting every request while its lease lasted, the holder would drain up to four
     # requests (about 100 ms) past it; it started only what ends within it.
     assert entered - (origin + window_s) < 2 * pace_s
+
+
+async def test_the_service_reports_the_gpu_time_charged_to_each_gate(tmp_path: Path) -> None:
+    async with two_gates(tmp_path, 0.1, "worker", "idler") as (worker, _):
+        for _ in range(3):
+            async with worker:
+                await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_unix_connection(tmp_path / "tokens.sock")
+        writer.write(b'{"op": "stats"}\n')
+        stats = json.loads(await reader.readline())
+        assert await reader.read() == b"", "the service closes a stats connection"
+        writer.close()
+    charged = stats["GPU-test"]
+    assert set(charged) == {"worker", "idler"}
+    assert 0.15 <= charged["worker"] < 0.5, "three requests of 50 ms, and little else"
+    assert charged["idler"] == 0.0

@@ -261,3 +261,16 @@ def test_overrun_its_request_paid_for_is_not_owed_again() -> None:
     assert grant.lease_end == pytest.approx(0.17), "55 ms: the rest of its 60"
     scheduler.release("kept", 0.17)
     assert scheduler.used("kept", 0.2) == 0.0, "its request paid for the 5 ms: no debt"
+
+
+def test_charged_totals_count_every_busy_second_once_across_windows() -> None:
+    scheduler = QuotaScheduler(WINDOW)
+    scheduler.register("a", 100, 0.5, 1.0)
+    scheduler.want("a", 0.0)
+    assert [g.client for g in scheduler.schedule(0.0)] == ["a"]
+    assert scheduler.charged_total(0.25) == pytest.approx({"a": 0.25}), "busy across 2 rolls"
+    scheduler.idle("a", 0.25)
+    assert scheduler.charged_total(1.0) == pytest.approx({"a": 0.25}), "idle time is free"
+    scheduler.busy("a", 1.0)
+    scheduler.release("a", 1.02)
+    assert scheduler.charged_total(5.0) == pytest.approx({"a": 0.27}), "nothing is forgiven"

@@ -36,6 +36,7 @@ class _Client:
     waiting_since: float | None = None
     holding: bool = False
     busy_since: float | None = None  # holding and charged since; None while it idles
+    total_s: float = 0.0  # every second charged since it registered, none forgiven
     lease_end: float = 0.0  # of its last grant or renewal
     overrun_s: float = 0.0  # run past its lease in this window while another could run
 
@@ -92,6 +93,7 @@ class QuotaScheduler:
         if state is not None and state.busy_since is not None:
             state.overrun_s += self._overrun(state, now)
             state.used_s += now - state.busy_since
+            state.total_s += now - state.busy_since
             state.busy_since = None
 
     def busy(self, client: str, now: float) -> None:
@@ -179,6 +181,14 @@ class QuotaScheduler:
         self._roll(now)
         return self._charged(self._clients[client], now)
 
+    def charged_total(self, now: float) -> dict[str, float]:
+        """Seconds charged to each client since it registered (busy time, debt not counted
+        twice): their rates are the GPU-time shares the scheduler enforced."""
+        return {
+            name: state.total_s + (now - state.busy_since if state.busy_since is not None else 0)
+            for name, state in self._clients.items()
+        }
+
     @staticmethod
     def _charged(state: _Client, now: float) -> float:
         busy = now - state.busy_since if state.busy_since is not None else 0.0
@@ -206,6 +216,7 @@ class QuotaScheduler:
                 if state.busy_since is not None:
                     state.overrun_s += self._overrun(state, end)
                     state.used_s += end - state.busy_since
+                    state.total_s += end - state.busy_since
                     state.busy_since = end
                     busy = True
             windows = 1 if busy else int((now - end) // self.window_s) + 1

@@ -10,7 +10,9 @@ to keep the token or `{"lease_s": 0}` to give it back, and `{"op": "release"}` r
 for the room holders keep, the service sends each of them `{"op": "yield"}` (in the same write
 as a grant it follows): a gate still idle when it reads that releases its token; a busy one
 starts no request that would run past its lease. A closed connection returns its token and removes
-the client, so a gate that dies frees its share. The local backend runs this service inside
+the client, so a gate that dies frees its share. A connection whose first line is
+`{"op": "stats"}` is answered the GPU time charged to every client since it registered,
+`{"GPU-…": {"resnet50-0": 12.5}}`, and closed. The local backend runs this service inside
 the provider; on Kubernetes the node agent runs it.
 """
 
@@ -57,10 +59,19 @@ class TokenService:
         """Seconds charged to `client` in its GPU's current window."""
         return self._schedulers[gpu].used(client, _now())
 
+    def charged_total(self) -> dict[str, dict[str, float]]:
+        """Seconds of GPU time charged to each registered client since it registered, by GPU."""
+        now = _now()
+        return {gpu: s.charged_total(now) for gpu, s in self._schedulers.items()}
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         key: tuple[str, str] | None = None
         try:
             first = json.loads(await reader.readline() or b"null")
+            if isinstance(first, dict) and first.get("op") == "stats":
+                writer.write(json.dumps(self.charged_total()).encode() + b"\n")
+                await writer.drain()
+                return
             gpu, client = str(first["gpu"]), str(first["client"])
             scheduler = self._schedulers.get(gpu)
             if scheduler is None:
