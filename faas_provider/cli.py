@@ -22,6 +22,7 @@ from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.backends.local.state import StateDirInUse
 from faas_provider.gpu.discovery import discover_gpus
+from faas_provider.gpu.share import parse_quantity
 from faas_provider.models import DEFAULT_NAMESPACE, FunctionDeployment
 from faas_provider.settings import Settings, default_state_dir
 from faas_provider.stack import StackError, load_stack
@@ -71,8 +72,33 @@ def _parser() -> argparse.ArgumentParser:
         default=100.0,
         help="the time-quota scheduler's window, in ms (default 100)",
     )
+    up.add_argument(
+        "--max-system-body",
+        type=_byte_count,
+        default=os.environ.get("max_system_body", "2Mi"),
+        help="largest request body of /system/*: bytes or a quantity such as 4Mi; larger "
+        "ones get 413 (env max_system_body; default 2Mi)",
+    )
+    up.add_argument(
+        "--max-function-body",
+        type=_byte_count,
+        default=os.environ.get("max_function_body", "64Mi"),
+        help="largest invocation body, /function/*: bytes or a quantity such as 256Mi; larger "
+        "ones get 413 (env max_function_body; default 64Mi)",
+    )
     up.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
+
+
+def _byte_count(text: str) -> int:
+    """A size flag's value: bytes, or a quantity such as 64Mi; above 0."""
+    try:
+        count = parse_quantity(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if count <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 bytes")
+    return count
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         secret_mount_path=args.secret_mount_path,
         workers=args.workers,
         quota_window_s=args.quota_window_ms / 1000,
+        max_system_body=args.max_system_body,
+        max_function_body=args.max_function_body,
     )
     stack: list[FunctionDeployment] = []
     if args.stack:

@@ -27,6 +27,11 @@ class Settings(BaseModel):
     startup_wait_s: float = Field(default=30.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
     quota_window_s: float = Field(default=0.1, gt=0, le=10)
+    # Request bodies past these get 413 before they are read whole: /system/* carries JSON
+    # (a deployment, a secret of up to Kubernetes' 1 MiB in base64), /function/* whatever a
+    # function takes (images for inference).
+    max_system_body: int = Field(default=2 * 1024**2, gt=0)
+    max_function_body: int = Field(default=64 * 1024**2, gt=0)
 
 
 def read_basic_auth(secret_mount_path: Path) -> tuple[str, str]:

@@ -138,11 +138,16 @@ class _Connection(asyncio.Protocol):
             transport.write(head + body if body else head)
         else:
             transport.write(head)
-            async for piece in body:
-                if self.transport is None:
-                    break
-                self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if piece else b"")
-                await self._writable.wait()
+            try:
+                async for piece in body:
+                    if self.transport is None:
+                        break
+                    chunk = b"%x\r\n%s\r\n" % (len(piece), piece) if piece else b""
+                    self.transport.write(chunk)
+                    await self._writable.wait()
+            except BaseException:  # the body failed: no answer is awaited for a request not sent
+                self._head_waiter = None
+                raise
             if self.transport is not None:
                 self.transport.write(b"0\r\n\r\n")
         return await self._head_waiter

@@ -8,14 +8,17 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from faas_provider.api.keys import SETTINGS
+from faas_provider.api.limits import system_limit
 from faas_provider.models import check_dns_label, namespace_or_default
 
 M = TypeVar("M", bound=BaseModel)
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:
-    """Parse the body as JSON into `model`; bad JSON or fields raise (answered 400)."""
-    raw = await request.read()
+    """Parse the body as JSON into `model`; bad JSON or fields raise (answered 400), a body
+    past the /system limit 413."""
+    raw = await system_limit(request.app[SETTINGS]).read(request)
     if not raw.strip():
         raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
     document: Any = json.loads(raw)

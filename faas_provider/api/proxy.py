@@ -16,6 +16,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
+from faas_provider.api.limits import BodyLimit, BodyTooLarge, function_limit
 from faas_provider.backends.base import NotFound, Unavailable
 from faas_provider.models import DEFAULT_NAMESPACE
 from faas_provider.upstream import ConnectFailed, UpstreamError, parse_base_url
@@ -75,6 +76,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     name, namespace = split_name(service)
     where = f"{name}.{namespace}"
     resolver = request.app[RESOLVER]
+    limit = function_limit(request.app[SETTINGS])
     # The path and query exactly as the caller encoded them, less /function/<service>.
     target = request.raw_path[len("/function/") + len(service) :]
     if not target.startswith("/"):
@@ -82,11 +84,13 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     try:
         base = await resolver.resolve(name, namespace)
         try:
-            return await forward(request, base, target)
+            return await forward(request, base, target, limit)
         except ConnectFailed:
             # The replica went away before the request reached it: another may take it.
             base = await resolver.resolve(name, namespace, fresh=True)
-            return await forward(request, base, target)
+            return await forward(request, base, target, limit)
+    except BodyTooLarge as error:
+        return web.Response(status=error.status, text=str(error), headers=INTERNAL)
     except NotFound:
         return web.Response(status=404, text=f"function {where} not found")
     except Unavailable as error:
@@ -102,20 +106,28 @@ def bad_gateway(what: str, error: Exception) -> web.Response:
     return web.Response(status=502, text=f"{what} did not answer: {reason}", headers=INTERNAL)
 
 
-async def forward(request: web.Request, base: str, target: str) -> web.StreamResponse:
+async def forward(
+    request: web.Request, base: str, target: str, limit: BodyLimit | None = None
+) -> web.StreamResponse:
     """Send `request` to `target` on the upstream at `base` and pass the answer back.
 
     Errors before the answer started are raised for the caller to report; later ones cut the
     response short. Bodies of known size up to BUFFER_LIMIT go whole, head and body in one
     write each way (on loopback every write is a system call that costs as much as the rest
     of the proxying); larger bodies and answers of unknown length (server-sent events,
-    NDJSON) are streamed as they come.
+    NDJSON) are streamed as they come. A body past `limit` raises BodyTooLarge: at once when
+    its length says so, else when it passes the limit, which ends the upstream connection
+    before the request is whole.
     """
     length = request.content_length
+    if limit is not None:
+        limit.check_length(request)
     if not request.body_exists:
         body: bytes | AsyncIterable[bytes] | None = None
     elif length is not None and length <= BUFFER_LIMIT:
         body = await request.read()
+    elif limit is not None:
+        body = limit.stream(request)
     else:
         body = request.content.iter_any()
     settings = request.app[SETTINGS]

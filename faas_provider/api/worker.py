@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 
 from faas_provider.api import proxy
 from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
+from faas_provider.api.limits import BodyTooLarge, system_limit
 from faas_provider.api.middleware import basic_auth
 from faas_provider.api.resolver import EndpointSource, Resolver
 from faas_provider.backends.base import NotFound, Unavailable
@@ -61,7 +62,11 @@ def create_worker_app(settings: Settings, control_socket: Path) -> web.Applicati
     async def to_provider(request: web.Request) -> web.StreamResponse:
         """Pass a non-invocation request through to the provider process unchanged."""
         try:
-            return await proxy.forward(request, control, request.raw_path)
+            return await proxy.forward(
+                request, control, request.raw_path, system_limit(request.app[SETTINGS])
+            )
+        except BodyTooLarge as error:
+            return web.Response(status=error.status, text=str(error))
         except (UpstreamError, TimeoutError) as error:
             return proxy.bad_gateway("the provider process", error)
 
@@ -118,6 +123,8 @@ class WorkerPool:
             f"--port={settings.port}",
             f"--parent-pid={os.getpid()}",
             f"--secret-mount-path={settings.secret_mount_path}",
+            f"--max-system-body={settings.max_system_body}",
+            f"--max-function-body={settings.max_function_body}",
         ] + (["--basic-auth"] if settings.basic_auth else [])
         self._count = count
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--basic-auth", action="store_true")
     parser.add_argument("--secret-mount-path", type=Path, required=True)
+    parser.add_argument("--max-system-body", type=int, required=True)
+    parser.add_argument("--max-function-body", type=int, required=True)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -168,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         basic_auth=args.basic_auth,
         secret_mount_path=args.secret_mount_path,
+        max_system_body=args.max_system_body,
+        max_function_body=args.max_function_body,
     )
     asyncio.run(serve_worker(settings, args.control_socket, args.parent_pid))
 
