@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from faas_provider.settings import Settings
-from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available
+from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available, wait_logged
 from tests.test_cli import provider
 
 SYSTEM_LIMIT = 64 * 1024
@@ -120,6 +120,8 @@ async def test_a_chunked_invocation_past_the_limit_is_cut_before_the_replica_run
     # the replica got part of the body, never the whole request: it ran nothing and lives on
     after = await (await client.post("/function/steer", data=b"")).json()
     assert (after["pid"], after["calls"]) == (first["pid"], first["calls"] + 1)
+    logs = await wait_logged(client, "steer", "Request body cut short")
+    assert "Traceback" not in logs
 
 
 async def test_invocations_just_under_the_limit_pass_whole(client: TestClient) -> None:

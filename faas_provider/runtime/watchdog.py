@@ -617,6 +617,11 @@ class Runtime:
         started = time.monotonic()
         failure: InvocationError | None = None
         try:
+            try:  # the whole body before anything runs; the invoker reads it again from memory
+                await request.read()
+            except ConnectionResetError:
+                log.warning("Request body cut short (the connection was lost); not run")
+                return web.Response(status=400, text="Request body cut short.\n")
             response = await invoker.invoke(request)
         except InvocationError as error:
             failure = error
