@@ -21,7 +21,16 @@ async def read_model(request: web.Request, model: type[M]) -> M:
     raw = await system_limit(request.app[SETTINGS]).read(request)
     if not raw.strip():
         raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
-    document: Any = json.loads(raw)
+    try:
+        document: Any = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise web.HTTPBadRequest(text=f"request body is not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise web.HTTPBadRequest(text=f"request body is not UTF-8 JSON: {error}") from None
+    except ValueError:  # what is left: an integer past Python's 4300 digits
+        raise web.HTTPBadRequest(text="request body has a number of over 4300 digits") from None
+    except RecursionError:
+        raise web.HTTPBadRequest(text="request body is nested too deeply") from None
     if not isinstance(document, dict):
         raise web.HTTPBadRequest(text="request body must be a JSON object")
     return model.model_validate(document)

@@ -1,0 +1,23 @@
+"""Hostile input the fuzz test (tests/test_fuzz.py) found answered 500: each kept as a case."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\x80{}", "not UTF-8 JSON"),
+        (b'{"replicas": ' + b"7" * 5000 + b"}", "over 4300 digits"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
+)
+async def test_bodies_json_cannot_read_are_400(
+    client: TestClient, body: bytes, message: str
+) -> None:
+    for method, path in (("POST", "/system/functions"), ("POST", "/system/scale-function/x")):
+        answer = await client.request(method, path, data=body)
+        assert answer.status == 400
+        assert message in await answer.text()
