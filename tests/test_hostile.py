@@ -21,3 +21,10 @@ async def test_bodies_json_cannot_read_are_400(
         answer = await client.request(method, path, data=body)
         assert answer.status == 400
         assert message in await answer.text()
+
+
+async def test_the_default_namespace_cannot_be_deleted(client: TestClient) -> None:
+    answer = await client.delete("/system/namespace/openfaas-fn")
+    assert answer.status == 409
+    assert "default" in await answer.text()
+    assert "openfaas-fn" in await (await client.get("/system/namespaces")).json()

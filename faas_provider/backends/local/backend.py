@@ -43,6 +43,7 @@ from faas_provider.gpu.discovery import GpuDevice, discover_gpus
 from faas_provider.gpu.mps import ServerLoss
 from faas_provider.gpu.share import GpuShare, gpu_share
 from faas_provider.models import (
+    DEFAULT_NAMESPACE,
     FunctionDeployment,
     FunctionStatus,
     FunctionUsage,
@@ -261,6 +262,11 @@ class LocalBackend:
 
     async def delete_namespace(self, name: str) -> None:
         self._namespace(name)
+        if name == DEFAULT_NAMESPACE:
+            raise Conflict(
+                f"namespace {name} is the default, where calls that name none go; "
+                "it cannot be deleted"
+            )
         if any(ns == name for ns, _ in self._functions):
             raise Conflict(f"namespace {name} still has functions; delete them first")
         del self._state.namespaces[name]
