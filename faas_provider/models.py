@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Base64Bytes, BaseModel, BeforeValidator, ConfigDict, Field
 
 DEFAULT_NAMESPACE = "openfaas-fn"
+MAX_REPLICAS = 1000  # the most replicas a function may ask for, by scale or by its labels
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -151,7 +152,7 @@ class ScaleServiceRequest(_Wire):
 
     service_name: str | None = Field(default=None, alias="serviceName")
     namespace: str | None = None
-    replicas: int = Field(ge=0, le=1000)
+    replicas: int = Field(ge=0, le=MAX_REPLICAS)
 
 
 class Secret(_Wire):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import ECHO
+
 
 @pytest.mark.parametrize(
     ("body", "message"),
@@ -28,3 +30,12 @@ async def test_the_default_namespace_cannot_be_deleted(client: TestClient) -> No
     assert answer.status == 409
     assert "default" in await answer.text()
     assert "openfaas-fn" in await (await client.get("/system/namespaces")).json()
+
+
+async def test_a_scale_min_label_past_the_replica_bound_is_refused(client: TestClient) -> None:
+    for value in ("1001", "9" * 30):
+        labels = {"com.openfaas.scale.min": value}
+        answer = await client.post("/system/functions", json={**ECHO, "labels": labels})
+        assert answer.status == 400
+        assert "from 0 to 1000" in await answer.text()
+    assert await (await client.get("/system/functions")).json() == []

@@ -44,6 +44,7 @@ from faas_provider.gpu.mps import ServerLoss
 from faas_provider.gpu.share import GpuShare, gpu_share
 from faas_provider.models import (
     DEFAULT_NAMESPACE,
+    MAX_REPLICAS,
     FunctionDeployment,
     FunctionStatus,
     FunctionUsage,
@@ -548,8 +549,11 @@ def _min_replicas(deployment: FunctionDeployment) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise InvalidRequest(f"label {SCALE_MIN_LABEL} must be a whole number >= 0, not {text!r}")
+    if not 0 <= value <= MAX_REPLICAS:
+        raise InvalidRequest(
+            f"label {SCALE_MIN_LABEL} must be a whole number from 0 to {MAX_REPLICAS}, "
+            f"not {text!r}"
+        )
     return value
 
 
