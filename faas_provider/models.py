@@ -53,6 +53,25 @@ def _null_to_empty_list(value: Any) -> Any:
     return [] if value is None else value
 
 
+def _check_environment(env: dict[str, str]) -> dict[str, str]:
+    """Refuse what no process environment can hold (the replica would never start)."""
+    for name, value in env.items():
+        if not name or "=" in name or "\x00" in name:
+            raise ValueError(f"{name!r} is not an environment variable name: no '=' or NUL")
+        _check_process_text(value, f"environment variable {name}")
+    return env
+
+
+def _check_process_text(value: str, what: str = "envProcess") -> str:
+    if "\x00" in value:
+        raise ValueError(f"{what} holds a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
 FunctionName = Annotated[str, AfterValidator(check_dns_label)]
 Namespace = Annotated[
     str,
@@ -61,6 +80,8 @@ Namespace = Annotated[
 ]
 StrMap = Annotated[dict[str, str], BeforeValidator(_null_to_empty_dict)]
 StrList = Annotated[list[str], BeforeValidator(_null_to_empty_list)]
+EnvMap = Annotated[StrMap, AfterValidator(_check_environment)]
+ProcessText = Annotated[str, AfterValidator(_check_process_text)]
 SecretName = Annotated[str, AfterValidator(lambda v: check_dns_subdomain(v, "secret name"))]
 SecretNames = Annotated[list[SecretName], BeforeValidator(_null_to_empty_list)]
 
@@ -89,8 +110,8 @@ class FunctionDeployment(_Wire):
     service: FunctionName
     image: str = Field(min_length=1)
     namespace: Namespace = DEFAULT_NAMESPACE
-    env_process: str | None = Field(default=None, alias="envProcess")
-    env_vars: StrMap = Field(default_factory=dict, alias="envVars")
+    env_process: ProcessText | None = Field(default=None, alias="envProcess")
+    env_vars: EnvMap = Field(default_factory=dict, alias="envVars")
     constraints: StrList = Field(default_factory=list)
     secrets: SecretNames = Field(default_factory=list)
     labels: StrMap = Field(default_factory=dict)

@@ -39,3 +39,23 @@ async def test_a_scale_min_label_past_the_replica_bound_is_refused(client: TestC
         assert answer.status == 400
         assert "from 0 to 1000" in await answer.text()
     assert await (await client.get("/system/functions")).json() == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("envVars", {"A=B": "1"}, "not an environment variable name"),
+        ("envVars", {"": "1"}, "not an environment variable name"),
+        ("envVars", {"A\x00": "1"}, "not an environment variable name"),
+        ("envVars", {"A": "a\x00b"}, "environment variable A holds a NUL"),
+        ("envVars", {"A": "\ud800"}, "environment variable A is not valid Unicode"),
+        ("envProcess", "cat\x00", "envProcess holds a NUL"),
+    ],
+)
+async def test_an_environment_no_process_can_have_is_refused(
+    client: TestClient, field: str, value: object, message: str
+) -> None:
+    answer = await client.post("/system/functions", json={**ECHO, field: value})
+    assert answer.status == 400
+    assert message in await answer.text()
+    assert await (await client.get("/system/functions")).json() == []
