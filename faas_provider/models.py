@@ -65,6 +65,11 @@ def _check_environment(env: dict[str, str]) -> dict[str, str]:
 def _check_process_text(value: str, what: str = "envProcess") -> str:
     if "\x00" in value:
         raise ValueError(f"{what} holds a NUL character")
+    return _check_unicode(value, what)
+
+
+def _check_unicode(value: str, what: str = "value") -> str:
+    """Refuse a string with a lone surrogate (JSON can escape one; UTF-8 cannot hold it)."""
     try:
         value.encode()
     except UnicodeEncodeError:
@@ -181,7 +186,7 @@ class Secret(_Wire):
 
     name: SecretName
     namespace: str | None = None
-    value: str | None = None
+    value: Annotated[str, AfterValidator(_check_unicode)] | None = None
     raw_value: Base64Bytes | None = Field(default=None, alias="rawValue")
 
     def payload(self) -> bytes:

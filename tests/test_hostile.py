@@ -59,3 +59,10 @@ async def test_an_environment_no_process_can_have_is_refused(
     assert answer.status == 400
     assert message in await answer.text()
     assert await (await client.get("/system/functions")).json() == []
+
+
+async def test_a_secret_value_utf8_cannot_hold_is_refused(client: TestClient) -> None:
+    answer = await client.post("/system/secrets", json={"name": "s", "value": "\ud800"})
+    assert answer.status == 400
+    assert "value is not valid Unicode" in await answer.text()
+    assert await (await client.get("/system/secrets")).json() == []
