@@ -11,7 +11,8 @@ stops.
 
     python benchmarks/soak.py [--minutes 10] [--rate 100]
 
-Prints progress lines and a table, and writes benchmarks/results/soak.json.
+Prints progress lines and a table, writes benchmarks/results/soak.json, and exits 1 when a
+check is unmet (a failed call, memory growing past 10% after warm-up, anything left behind).
 """
 
 from __future__ import annotations
@@ -345,6 +346,8 @@ def main() -> None:
         print(f"{name:<{width}}  {value}")
     for failure in result["failures"][:5] + result["churn_errors"][:5]:
         print(f"  {failure}")
+    result["unmet"] = unmet(result)
+    print("all checks met" if not result["unmet"] else "unmet: " + "; ".join(result["unmet"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "benchmark": "soak",
@@ -353,6 +356,21 @@ def main() -> None:
     }
     RESULTS.write_text(json.dumps(document, indent=1))
     print(f"wrote {RESULTS.relative_to(REPO)}")
+    if result["unmet"]:
+        raise SystemExit(1)
+
+
+def unmet(result: dict[str, Any]) -> list[str]:
+    """What the run should show and did not: no failed call, memory flat within 10% after the
+    warm-up, no descriptor or process more than before the churn, none left after the stop."""
+    checks = {
+        "0 failed calls": result["failed"] == 0 and not result["churn_errors"],
+        "RSS within 10% after warm-up": result["rss_growth_after_warmup"] <= 0.10,
+        "no descriptor left by the churn": result["fds_after_churn"] <= result["fds_at_warmup"],
+        "no process left by the churn": result["children_after_churn"] == result["children_before"],
+        "no process left after stop": not result["children_left_after_stop"],
+    }
+    return [name for name, met in checks.items() if not met]
 
 
 if __name__ == "__main__":
