@@ -30,7 +30,7 @@ class BodyLimit:
 
     max_bytes: int
     routes: str
-    option: str  # the flag without its dashes, which is also the environment variable
+    option: str  # the flag without its leading dashes; with "_" for "-", the environment variable
 
     def refusal(self) -> BodyTooLarge:
         """The 413 error: the limit and how to change it."""
