@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import ECHO
+from tests.conftest import ECHO, faas_cli_deploy, wait_available
 
 
 @pytest.mark.parametrize(
@@ -66,3 +68,21 @@ async def test_a_secret_value_utf8_cannot_hold_is_refused(client: TestClient) ->
     assert answer.status == 400
     assert "value is not valid Unicode" in await answer.text()
     assert await (await client.get("/system/secrets")).json() == []
+
+
+def _tasks_of(function: str) -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == function]
+
+
+async def test_a_replica_scaled_away_leaves_no_health_check_running(client: TestClient) -> None:
+    assert await faas_cli_deploy(client, ECHO) == 202
+    await wait_available(client, "echo")
+    scaled = await client.post("/system/scale-function/echo", json={"replicas": 0})
+    assert scaled.status == 202
+    await wait_available(client, "echo", 0)
+    for _ in range(200):  # until the replica's supervisor has stopped
+        if not _tasks_of("Replica._supervise"):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)
+    assert _tasks_of("Replica._watch_health") == []

@@ -100,6 +100,8 @@ class Replica:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for helper in self._helpers:  # the cancel may have cut the supervisor's clean-up short
+            helper.cancel()
 
     async def recycle(self) -> None:
         """Take the replica out of service and end its processes now; the supervisor starts
