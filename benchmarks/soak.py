@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -73,7 +74,8 @@ def _open_fds(pid: int) -> int:
 def _children(pid: int) -> set[int]:
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found.update(int(child) for child in (task / "children").read_text().split())
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found.update(int(child) for child in (task / "children").read_text().split())
     return found
 
 
