@@ -261,11 +261,12 @@ class MpsDaemon:
         those its log says it started since), or a daemon whose process is gone, are one loss.
         Every `ask_every_s` the daemon must also answer `get_server_list` (each question costs
         five lines in control.log); one that does not is treated as gone. A lost daemon is
-        restarted after `backoff_s` (doubled after each failed restart, up to `max_backoff_s`)
-        before `on_lost` is called, so that the clients started anew find a working daemon; a
-        daemon that will not restart is reported once, after its first try.
+        restarted at once (after a failed restart, `backoff_s` later, doubled after each
+        further one up to `max_backoff_s`) before `on_lost` is called, so that the clients
+        started anew find a working daemon; a daemon that will not restart is reported once,
+        after its first try.
         """
-        delay = backoff_s
+        delay = 0.0  # a daemon that ran until now is restarted at once
         servers = set(await self.server_pids() or [])
         next_question = time.monotonic() + ask_every_s
         daemon_up = True
@@ -284,7 +285,7 @@ class MpsDaemon:
                     if daemon_up:
                         daemon = f"{self.pid()} {state}"
                     daemon_up = await self._restart(state, delay)
-                    delay = backoff_s if daemon_up else min(delay * 2, max_backoff_s)
+                    delay = 0.0 if daemon_up else min(max(delay * 2, backoff_s), max_backoff_s)
                     restarted = True
                 next_question = time.monotonic() + ask_every_s
             ended = tuple(sorted(pid for pid in servers if not _alive(pid)))
