@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
+import io
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -118,3 +122,17 @@ async def wait_logged(client: TestClient, name: str, text: str) -> str:
 
 ECHO = {"service": "echo", "image": "ghcr.io/fast-gshare/echo:latest", "envProcess": "cat"}
 STEER = {"service": "steer", "image": "example/steer:1"}
+
+
+def import_handler(name: str, unset: str) -> tuple[ModuleType, str]:
+    """The sample function `name`'s handler module, imported with environment variable `unset`
+    unset, and what the import wrote to stderr."""
+    path = REPO / "functions" / name / "handler.py"
+    spec = importlib.util.spec_from_file_location(f"{name.replace('-', '_')}_handler", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.delenv(unset, raising=False)
+        spec.loader.exec_module(module)
+    return module, stderr.getvalue()

@@ -5,9 +5,6 @@ They need torch and torchvision, and skip without them; with a GPU they run its 
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -15,25 +12,19 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import import_handler
+
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 image_io = pytest.importorskip("torchvision.io")
 
-HANDLER = Path(__file__).resolve().parents[1] / "functions" / "resnet50" / "handler.py"
 RANDOM_WEIGHTS_LINE = "resnet50: RESNET50_WEIGHTS is not set; using random weights (seed 0)"
 
 
 @pytest.fixture(scope="module")
 def loaded() -> tuple[ModuleType, str]:
     """The handler module, imported once without RESNET50_WEIGHTS, and what it wrote to stderr."""
-    spec = importlib.util.spec_from_file_location("resnet50_handler", HANDLER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    stderr = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
-        patch.delenv("RESNET50_WEIGHTS", raising=False)
-        spec.loader.exec_module(module)
-    return module, stderr.getvalue()
+    return import_handler("resnet50", "RESNET50_WEIGHTS")
 
 
 @pytest.fixture

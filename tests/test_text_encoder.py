@@ -6,34 +6,24 @@ They need torch, and skip without it; with a GPU they run its CUDA path.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
+from tests.conftest import import_handler
+
 torch = pytest.importorskip("torch")
 
-HANDLER = Path(__file__).resolve().parents[1] / "functions" / "text-encoder" / "handler.py"
 RANDOM_WEIGHTS_LINE = "text-encoder: TEXT_ENCODER_WEIGHTS is not set; using random weights (seed 0)"
 
 
 @pytest.fixture(scope="module")
 def loaded() -> tuple[ModuleType, str]:
     """The handler module, imported once without TEXT_ENCODER_WEIGHTS, and its stderr."""
-    spec = importlib.util.spec_from_file_location("text_encoder_handler", HANDLER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    stderr = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
-        patch.delenv("TEXT_ENCODER_WEIGHTS", raising=False)
-        spec.loader.exec_module(module)
-    return module, stderr.getvalue()
+    return import_handler("text-encoder", "TEXT_ENCODER_WEIGHTS")
 
 
 @pytest.fixture

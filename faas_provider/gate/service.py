@@ -55,10 +55,6 @@ class TokenService:
             self._server.close()
             await self._server.wait_closed()
 
-    def usage(self, gpu: str, client: str) -> float:
-        """Seconds charged to `client` in its GPU's current window."""
-        return self._schedulers[gpu].used(client, _now())
-
     def charged_total(self) -> dict[str, dict[str, float]]:
         """Seconds of GPU time charged to each registered client since it registered, by GPU."""
         now = _now()
