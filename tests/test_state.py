@@ -85,3 +85,30 @@ async def test_two_providers_cannot_share_a_state_directory(settings: Settings) 
         await first.close()
     await second.start()  # free again once the first has stopped
     await second.close()
+
+
+async def test_a_stored_function_that_no_longer_loads_is_left_out_and_kept(
+    aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.state_dir.mkdir(parents=True)
+    broken = {  # an environment no process can have: refused today, stored by an older version
+        "deployment": {"service": "old", "image": "x/old:1", "envVars": {"A=B": "1"}},
+        "replicas": 1,
+        "createdAt": "2026-01-01T00:00:00Z",
+    }
+    document = {"functions": [broken], "namespaces": {"openfaas-fn": {}}}
+    (settings.state_dir / "functions.json").write_text(json.dumps(document))
+    backend = LocalBackend(settings.state_dir, settings.functions_dir)
+    client = await aiohttp_client(create_app(backend, settings))
+    assert "stored function old.openfaas-fn cannot be loaded" in caplog.text
+    assert await faas_cli_deploy(client, ECHO) == 202, "the others deploy and run as usual"
+    await wait_available(client, "echo")
+    listed = {f["name"] for f in await (await client.get("/system/functions")).json()}
+    assert listed == {"echo"}
+    stored = json.loads((settings.state_dir / "functions.json").read_text())["functions"]
+    assert broken in stored, "the entry is written back as it was, not lost"
+    fixed = {"service": "old", "image": "x/old:1", "envProcess": "cat"}
+    assert await faas_cli_deploy(client, fixed) == 202
+    stored = json.loads((settings.state_dir / "functions.json").read_text())["functions"]
+    assert broken not in stored, "a function deployed under its name replaces it"
+    assert sorted(entry["deployment"]["service"] for entry in stored) == ["echo", "old"]

@@ -3,6 +3,9 @@
 `functions.json` holds every function's deployment, desired replica count and creation time,
 and the namespaces; `secrets.json` (mode 0600) holds secret values. Both are written atomically
 (temporary file, fsync, rename), so a crash leaves either the old or the new file, never half.
+A stored function this version cannot load (its spec written by one that accepted more) is
+left out with one log line and written back as it was, unless a function of its name has been
+deployed since: one bad entry never keeps the provider, or the others, from starting.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import base64
 import fcntl
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,7 +22,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from faas_provider.models import DEFAULT_NAMESPACE, FunctionDeployment, rfc3339
+
+log = logging.getLogger("fast_gshare.state")
 
 
 @dataclass
@@ -47,6 +55,8 @@ class ProviderState:
         default_factory=lambda: {DEFAULT_NAMESPACE: StoredNamespace()}
     )
     secrets: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    # stored functions that could not be loaded, kept as they were, by (namespace, name)
+    unreadable: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
 
 class StateDirInUse(Exception):
@@ -93,12 +103,23 @@ class StateStore:
         if self._functions_file.exists():
             document = json.loads(self._functions_file.read_text())
             for entry in document.get("functions", []):
-                deployment = FunctionDeployment.model_validate(entry["deployment"])
-                state.functions[(deployment.namespace, deployment.service)] = StoredFunction(
-                    deployment=deployment,
-                    replicas=int(entry["replicas"]),
-                    created_at=datetime.fromisoformat(entry["createdAt"]),
-                )
+                try:
+                    stored = _stored_function(entry)
+                except (ValidationError, KeyError, TypeError, ValueError) as error:
+                    key = _entry_key(entry)
+                    reason = " ".join(str(error).split())
+                    log.error(
+                        "stored function %s.%s cannot be loaded (%s); it is left out and kept "
+                        "in %s as it was",
+                        key[1],
+                        key[0],
+                        reason,
+                        self._functions_file,
+                    )
+                    state.unreadable[key] = entry
+                    continue
+                key = (stored.deployment.namespace, stored.deployment.service)
+                state.functions[key] = stored
             state.namespaces = {
                 name: StoredNamespace(**spec)
                 for name, spec in document.get("namespaces", {}).items()
@@ -123,6 +144,9 @@ class StateStore:
             }
             for stored in state.functions.values()
         ]
+        # one deployed since under the name of an unreadable entry replaces it for good
+        state.unreadable = {k: v for k, v in state.unreadable.items() if k not in state.functions}
+        functions += state.unreadable.values()
         namespaces = {
             name: {"labels": ns.labels, "annotations": ns.annotations}
             for name, ns in state.namespaces.items()
@@ -148,3 +172,22 @@ class StateStore:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def _stored_function(entry: dict[str, Any]) -> StoredFunction:
+    """A functions.json entry as a StoredFunction; the model's or a type's error when it is not
+    one."""
+    return StoredFunction(
+        deployment=FunctionDeployment.model_validate(entry["deployment"]),
+        replicas=int(entry["replicas"]),
+        created_at=datetime.fromisoformat(entry["createdAt"]),
+    )
+
+
+def _entry_key(entry: Any) -> tuple[str, str]:
+    """(namespace, name) of a functions.json entry, as far as it says."""
+    deployment = entry.get("deployment") if isinstance(entry, dict) else None
+    if not isinstance(deployment, dict):
+        return DEFAULT_NAMESPACE, "?"
+    namespace = deployment.get("namespace") or DEFAULT_NAMESPACE
+    return str(namespace), str(deployment.get("service", "?"))
