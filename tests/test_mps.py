@@ -190,6 +190,34 @@ async def test_a_daemon_that_will_not_restart_is_reported_once(
     assert "restarting in 0.1 s" in caplog.text, "up to max_backoff_s"
 
 
+async def test_a_daemon_that_restarts_after_failing_is_reported_again(daemon: MpsDaemon) -> None:
+    await daemon.start()
+    old, binary = daemon.pid(), daemon.binary
+    assert old is not None
+    daemon.binary = "false"  # the restarts fail until the binary is back
+    losses: list[ServerLoss] = []
+
+    async def on_lost(loss: ServerLoss) -> None:
+        losses.append(loss)
+
+    watch = daemon.watch(on_lost, interval_s=0.05, backoff_s=0.05, max_backoff_s=0.1)
+    task = asyncio.create_task(watch)
+    try:
+        os.kill(old, signal.SIGKILL)
+        await eventually(lambda: losses)
+        await asyncio.sleep(0.3)  # a few more failed tries
+        daemon.binary = binary
+        await eventually(lambda: len(losses) == 2)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert losses[0] == ServerLoss(daemon=f"{old} exited")
+    back = losses[1].daemon
+    assert back is not None and back.startswith(f"{daemon.pid()} started after ")
+    assert back.endswith(" failed restart(s)") and await daemon.healthy()
+
+
 async def test_a_daemon_killed_with_its_server_is_one_loss(daemon: MpsDaemon) -> None:
     await daemon.start()
     losses: list[ServerLoss] = []

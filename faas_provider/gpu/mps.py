@@ -264,12 +264,14 @@ class MpsDaemon:
         restarted at once (after a failed restart, `backoff_s` later, doubled after each
         further one up to `max_backoff_s`) before `on_lost` is called, so that the clients
         started anew find a working daemon; a daemon that will not restart is reported once,
-        after its first try.
+        after its first try, and once more when a later try succeeds, so that its clients, which
+        ran without MPS meanwhile, become its clients again.
         """
         delay = 0.0  # a daemon that ran until now is restarted at once
         servers = set(await self.server_pids() or [])
         next_question = time.monotonic() + ask_every_s
         daemon_up = True
+        failed_restarts = 0
         while True:
             await asyncio.sleep(interval_s)
             faults, started = await asyncio.to_thread(self._read_logs)
@@ -285,6 +287,9 @@ class MpsDaemon:
                     if daemon_up:
                         daemon = f"{self.pid()} {state}"
                     daemon_up = await self._restart(state, delay)
+                    if daemon_up and failed_restarts:  # its clients ran without MPS meanwhile
+                        daemon = f"{self.pid()} started after {failed_restarts} failed restart(s)"
+                    failed_restarts = 0 if daemon_up else failed_restarts + 1
                     delay = 0.0 if daemon_up else min(max(delay * 2, backoff_s), max_backoff_s)
                     restarted = True
                 next_question = time.monotonic() + ask_every_s
