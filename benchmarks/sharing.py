@@ -623,17 +623,10 @@ def _charged_gpu_seconds(function: str) -> dict[str, float]:
     gate of `function`."""
     import socket
 
-    client = f"openfaas-fn/{function}-"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if "faas_provider.gate" in command and any(a.startswith(client) for a in command):
-            path = command[command.index("--token-socket") + 1]
-            break
-    else:
+    command, _ = next(_gates_of(function), (None, None))
+    if command is None:
         raise RuntimeError(f"no gate of {function} runs: no token service to ask")
+    path = command[command.index("--token-socket") + 1]
     with socket.socket(socket.AF_UNIX) as connection:
         connection.connect(path)
         connection.sendall(b'{"op": "stats"}\n')
@@ -809,21 +802,26 @@ def _wait_all_available(base: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
     raise RuntimeError(f"the functions were not all available again within {timeout_s:.0f} s")
 
 
+def _gates_of(function: str) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """The command line and environment of each running gate of `function`'s replicas."""
+    client = f"openfaas-fn/{function}-"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        argv = command.split("\0")
+        if "faas_provider.gate" in argv and any(a.startswith(client) for a in argv):
+            yield argv, dict(e.split("=", 1) for e in environ.split("\0") if "=" in e)
+
+
 def _mps_daemon_of(function: str) -> Any:
     """The MPS control daemon (an MpsDaemon) that the provider runs for the GPU of
     `function`'s first replica, found through the environment of that replica's gate."""
     from faas_provider.gpu.mps import MpsDaemon
 
-    client = f"openfaas-fn/{function}-".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"faas_provider.gate" not in command or not any(a.startswith(client) for a in command):
-            continue
-        env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+    for _, env in _gates_of(function):
         if "CUDA_MPS_PIPE_DIRECTORY" in env:
             pipe_dir = Path(env["CUDA_MPS_PIPE_DIRECTORY"])  # <base>/gpu<index>/pipe
             index = int(pipe_dir.parent.name.removeprefix("gpu"))
