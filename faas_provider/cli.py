@@ -19,6 +19,7 @@ from faas_provider.api.app import create_app
 from faas_provider.api.worker import WorkerPool
 from faas_provider.backends.base import Backend, NotFound, ProviderError
 from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.backends.local.forkserver import DEFAULT_PRELOAD
 from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.backends.local.state import StateDirInUse
 from faas_provider.gpu.discovery import discover_gpus
@@ -86,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         help="largest invocation body, /function/*: bytes or a quantity such as 256Mi; larger "
         "ones get 413 (env max_function_body; default 64Mi)",
     )
+    up.add_argument(
+        "--preload",
+        default=os.environ.get("FAST_GSHARE_PRELOAD", ",".join(DEFAULT_PRELOAD)),
+        help="modules the fork server imports once for every replica, comma-separated; "
+        "missing ones are skipped, '' imports none (env FAST_GSHARE_PRELOAD; default "
+        f"{','.join(DEFAULT_PRELOAD)})",
+    )
     up.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         quota_window_s=args.quota_window_ms / 1000,
         max_system_body=args.max_system_body,
         max_function_body=args.max_function_body,
+        preload=[name.strip() for name in args.preload.split(",") if name.strip()],
     )
     stack: list[FunctionDeployment] = []
     if args.stack:
@@ -147,7 +156,11 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
         ) from None
     gpus = GpuPool(discover_gpus(), window_s=settings.quota_window_s)
     backend = LocalBackend(
-        settings.state_dir, settings.functions_dir, settings.startup_wait_s, gpus=gpus
+        settings.state_dir,
+        settings.functions_dir,
+        settings.startup_wait_s,
+        gpus=gpus,
+        preload=settings.preload,
     )
     runner = web.AppRunner(create_app(backend, settings), access_log=None)
     try:

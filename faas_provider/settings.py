@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from faas_provider.backends.local.forkserver import DEFAULT_PRELOAD
+
 
 def default_state_dir() -> Path:
     """`$XDG_DATA_HOME/fast-gshare`, else `~/.local/share/fast-gshare`."""
@@ -32,6 +34,8 @@ class Settings(BaseModel):
     # function takes (images for inference).
     max_system_body: int = Field(default=2 * 1024**2, gt=0)
     max_function_body: int = Field(default=64 * 1024**2, gt=0)
+    # imported once by the fork server that starts the replicas (backends/local/forkserver.py)
+    preload: list[str] = Field(default_factory=lambda: list(DEFAULT_PRELOAD))
 
 
 def read_basic_auth(secret_mount_path: Path) -> tuple[str, str]:

@@ -12,6 +12,8 @@ from aiohttp.test_utils import TestClient
 
 from faas_provider.api.app import create_app
 from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.backends.local.forkserver import ForkServer
+from faas_provider.backends.local.launch import python_environment
 from faas_provider.backends.local.secret_view import SecretView, probe_secret_view
 from faas_provider.settings import Settings
 from tests.conftest import STEER, faas_cli_deploy, wait_available
@@ -38,7 +40,12 @@ async def call(client: TestClient, name: str) -> tuple[int, str]:
 async def test_each_function_reads_its_own_secrets_at_var_openfaas_secrets(
     client: TestClient, settings: Settings
 ) -> None:
-    view = await probe_secret_view(settings.state_dir)
+    forks = ForkServer(python_environment(), preload=())
+    await forks.start()
+    try:
+        view = await probe_secret_view(settings.state_dir, forks)
+    finally:
+        await forks.close()
     if not isinstance(view, SecretView):
         pytest.skip(f"no private mount namespaces on this machine: {view}")
     assert (await client.post("/system/namespace/team-b")).status in (200, 201, 202)
@@ -69,7 +76,7 @@ async def test_each_function_reads_its_own_secrets_at_var_openfaas_secrets(
 async def test_without_the_view_secrets_are_at_secret_mount_path_and_the_start_says_so(
     aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def refuse(hidden: Path) -> str:
+    async def refuse(hidden: Path, forks: ForkServer) -> str:
         return "forced for the test"
 
     backend = LocalBackend(
@@ -97,5 +104,5 @@ def test_the_probe_says_why_when_util_linux_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    reason = asyncio.run(probe_secret_view(tmp_path))
-    assert reason == "unshare, mount, sh not found (util-linux)"
+    reason = asyncio.run(probe_secret_view(tmp_path, ForkServer(python_environment())))
+    assert reason == "mount, sh not found (util-linux)"

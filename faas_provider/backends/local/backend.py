@@ -13,9 +13,11 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from faas_provider.backends.base import (
     Conflict,
@@ -24,10 +26,16 @@ from faas_provider.backends.base import (
     NotFound,
     Unavailable,
 )
+from faas_provider.backends.local.forkserver import DEFAULT_PRELOAD, ForkServer
 from faas_provider.backends.local.gpus import GpuPool
-from faas_provider.backends.local.launch import LaunchSpec, launch_spec
+from faas_provider.backends.local.launch import launch_spec, python_environment
 from faas_provider.backends.local.logs import LogStore
-from faas_provider.backends.local.replica import HEALTH_TIMEOUT_S, Replica
+from faas_provider.backends.local.replica import (
+    HEALTH_TIMEOUT_S,
+    ChildProcess,
+    Replica,
+    exec_process,
+)
 from faas_provider.backends.local.secret_view import (
     SECRETS_PATH,
     SecretProbe,
@@ -108,9 +116,11 @@ class LocalBackend:
         startup_wait_s: float = 30.0,
         gpus: GpuPool | None = None,
         probe_secrets: SecretProbe = probe_secret_view,
+        preload: Sequence[str] = DEFAULT_PRELOAD,
     ) -> None:
         """`probe_secrets` says how replicas may see their secrets at /var/openfaas/secrets
-        on this machine, or why they cannot (then at `$secret_mount_path` only)."""
+        on this machine, or why they cannot (then at `$secret_mount_path` only); `preload`
+        names the modules the fork server imports once for every replica (forkserver.py)."""
         state_dir = state_dir.absolute()  # replicas run elsewhere and mount from it
         self._gpus = gpus or GpuPool(discover_gpus())
         self._gpus.on_lost = self._recycle_gpu
@@ -125,12 +135,19 @@ class LocalBackend:
         self._background: set[asyncio.Task[None]] = set()
         self._probe_secrets = probe_secrets
         self._secret_view: SecretView | None = None
+        self._preload = list(preload)
+        self._forks: ForkServer | None = None
 
     async def start(self) -> None:
         """Claim the state directory and start every stored function at its replica count."""
         self._store.claim()
         await self._gpus.start()
-        view = await self._probe_secrets(self._state_dir)
+        self._forks = await self._start_fork_server()
+        view = (
+            await self._probe_secrets(self._state_dir, self._forks)
+            if self._forks is not None
+            else "the fork server, which makes the namespaces, does not run"
+        )
         if isinstance(view, str):
             log.warning(
                 "replicas read their secrets at $secret_mount_path only, not at %s: %s",
@@ -154,6 +171,8 @@ class LocalBackend:
             if function.rollout is not None:
                 function.rollout.cancel()
             await asyncio.gather(*(r.stop() for r in function.replicas + function.retiring))
+        if self._forks is not None:
+            await self._forks.close()
         self._functions.clear()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._gpus.close()
@@ -381,13 +400,13 @@ class LocalBackend:
             if isinstance(placement, str):
                 self._report_pending(function, instance, placement)
                 return None
-            env = {**spec.env, **placement.env}
-            spec = LaunchSpec(spec.argv, env, spec.cwd, placement.gate_argv)
+            spec = replace(spec, env={**spec.env, **placement.env}, gate_argv=placement.gate_argv)
         function.next_index += 1
         replica = Replica(
             instance,
             spec,
             self._http,
+            self._start_process,
             lambda inst, text: self._logs.append(
                 deployment.service, deployment.namespace, inst, text
             ),
@@ -395,6 +414,28 @@ class LocalBackend:
         )
         replica.start()
         return replica
+
+    async def _start_fork_server(self) -> ForkServer | None:
+        """The fork server replicas start from, or None (one log line why) to exec each."""
+        if not sys.platform.startswith("linux"):
+            log.info("replicas are exec'd, each importing its libraries: no fork server off Linux")
+            return None
+        forks = ForkServer(python_environment(), self._preload)
+        try:
+            await forks.start()
+        except OSError as error:
+            await forks.close()
+            log.warning("replicas are exec'd, each importing its libraries: %s", error)
+            return None
+        return forks
+
+    async def _start_process(
+        self, argv: list[str], env: dict[str, str], cwd: Path, view: dict[str, Any] | None
+    ) -> ChildProcess:
+        """Start one of a replica's processes: forked by the fork server when it runs."""
+        if self._forks is not None:
+            return await self._forks.spawn(argv, env, cwd, view)
+        return await exec_process(argv, env, cwd, view)
 
     def _report_pending(self, function: LocalFunction, instance: str, reason: str) -> None:
         """Say why a replica waits for GPU room, in the provider's log and the function's own
@@ -551,8 +592,7 @@ def _min_replicas(deployment: FunctionDeployment) -> int:
         value = -1
     if not 0 <= value <= MAX_REPLICAS:
         raise InvalidRequest(
-            f"label {SCALE_MIN_LABEL} must be a whole number from 0 to {MAX_REPLICAS}, "
-            f"not {text!r}"
+            f"label {SCALE_MIN_LABEL} must be a whole number from 0 to {MAX_REPLICAS}, not {text!r}"
         )
     return value
 

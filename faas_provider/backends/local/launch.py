@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from faas_provider.backends.base import InvalidRequest
 from faas_provider.models import FunctionDeployment
@@ -32,6 +34,15 @@ class LaunchSpec:
     env: dict[str, str]
     cwd: Path
     gate_argv: list[str] | None = None  # the time-quota gate to run in front, for GPU replicas
+    secret_view: dict[str, Any] | None = None  # the runtime's own secrets view (secret_view.py)
+
+
+def python_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The provider's environment and `extra`, with this package importable, installed or not:
+    what a runtime, a gate and the fork server start with."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    return env
 
 
 def handler_directory(image: str, functions_root: Path) -> Path | None:
@@ -50,10 +61,7 @@ def launch_spec(
     handler_dir = handler_directory(deployment.image, functions_root)
     argv = [sys.executable, "-m", "faas_provider.runtime", "--port", "0"]
     argv += ["--parent-pid", str(os.getpid())]
-    env = dict(os.environ)
-    env.update(deployment.env_vars)
-    # the runtime must import from wherever the provider runs, installed or not
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    env = python_environment(deployment.env_vars)
     env["secret_mount_path"] = str(secrets_dir)
     if handler_dir is not None:
         argv += ["--handler", str(handler_dir)]

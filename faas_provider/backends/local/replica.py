@@ -17,7 +17,9 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, Protocol
 
 from multidict import CIMultiDict
 
@@ -44,6 +46,40 @@ _Exit = tuple[int | None, str | None]  # exit code (None: never started) and las
 ChangeHook = Callable[[], None]
 
 
+class ChildProcess(Protocol):
+    """What supervising a replica's process needs of it (asyncio.subprocess.Process has it)."""
+
+    pid: int
+    returncode: int | None
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    async def wait(self) -> int: ...
+
+
+# starts argv with env in cwd, in a session of its own, stdin from /dev/null, stdout and stderr
+# piped; the last argument is the secrets view it enters first (secret_view.py), or None
+ProcessStarter = Callable[
+    [list[str], dict[str, str], Path, dict[str, Any] | None], Awaitable[ChildProcess]
+]
+
+
+async def exec_process(
+    argv: list[str], env: dict[str, str], cwd: Path, view: dict[str, Any] | None
+) -> ChildProcess:
+    """A ProcessStarter without the fork server: exec `argv`; it has no secrets view."""
+    assert view is None, "only the fork server's children enter a secrets view"
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 class Replica:
     """A supervised replica process; `url` is set while it is ready to take requests."""
 
@@ -52,15 +88,17 @@ class Replica:
         instance: str,
         spec: LaunchSpec,
         http: UpstreamPool,
+        start_process: ProcessStarter,
         on_line: LineSink,
         on_change: ChangeHook,
     ) -> None:
         self.instance = instance
         self._spec = spec
         self._http = http
+        self._start_process = start_process
         self._on_line = on_line
         self._on_change = on_change
-        self._processes: list[asyncio.subprocess.Process] = []
+        self._processes: list[ChildProcess] = []
         self._port: int | None = None
         self._healthy = False
         self._stopping = False
@@ -151,26 +189,18 @@ class Replica:
             self._processes = []
 
     async def _spawn(self, argv: list[str], on_port: Callable[[int], None]) -> None:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            env=self._spec.env,
-            cwd=self._spec.cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        runtime = not self._processes  # the runtime first, then its gate, which needs no view
+        view = self._spec.secret_view if runtime else None
+        process = await self._start_process(argv, self._spec.env, self._spec.cwd, view)
         self._processes.append(process)
-        what = "gate" if len(self._processes) > 1 else "replica"
+        what = "replica" if runtime else "gate"
         log.info("%s %s started (pid %d)", what, self.instance, process.pid)
         assert process.stdout is not None and process.stderr is not None
         self._in_background(self._read(process.stdout, on_port))
         errors = asyncio.create_task(self._read(process.stderr, None))
         self._in_background(self._report_exit(process, errors))
 
-    async def _report_exit(
-        self, process: asyncio.subprocess.Process, errors: asyncio.Task[str | None]
-    ) -> None:
+    async def _report_exit(self, process: ChildProcess, errors: asyncio.Task[str | None]) -> None:
         """Queue the process's exit with the last line it wrote to stderr (its reader ends with
         the pipe, unless a child of the process still holds it: then no line)."""
         code = await process.wait()
