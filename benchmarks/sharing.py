@@ -19,6 +19,8 @@ and warm, so all of them measure the same interval.
 - full-path-unbatched: as full-path with max_batch_size=1: one request a forward pass.
 - partitions, quotas, memory-cap, faults: SM shares, time quotas, the memory cap and fault
   drills through fast-gshare (see each function).
+- replica-start: how long a ResNet-50 replica takes to start, forked from the fork server
+  with torch preloaded and without.
 
     python benchmarks/sharing.py [--modes MODE ...] [--processes 7] [--sm-percent 14]
                                  [--seconds 20] [--clients 2]
@@ -299,8 +301,9 @@ def _jpeg(side: int = 224) -> bytes:
 
 
 @contextlib.contextmanager
-def provider(functions: dict[str, dict[str, Any]]) -> Iterator[str]:
-    """`fast-gshare up` with `functions` (name -> stack entry), until all are available."""
+def provider(functions: dict[str, dict[str, Any]], *flags: str) -> Iterator[str]:
+    """`fast-gshare up` with `functions` (name -> stack entry) and `flags`, until all are
+    available."""
     import socket
     import urllib.request
 
@@ -315,7 +318,7 @@ def provider(functions: dict[str, dict[str, Any]]) -> Iterator[str]:
         log = open(Path(scratch, "provider.log"), "w")  # noqa: SIM115 - closed below
         command = [sys.executable, "-m", "faas_provider.cli", "up", "--stack", str(stack)]
         command += ["--functions-dir", str(FUNCTIONS_DIR), "--port", str(port)]
-        command += ["--state-dir", str(Path(scratch, "state"))]
+        command += ["--state-dir", str(Path(scratch, "state")), *flags]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -788,6 +791,33 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": "faults", **outcome}
 
 
+def replica_start(args: argparse.Namespace) -> dict[str, Any]:
+    """How long a ResNet-50 GPU replica (20% SMs) takes from the scale call until it answers:
+    forked warm from the fork server that preloaded torch and torchvision (the default), and
+    with nothing preloaded, so that each replica imports them itself. Replicas 2, 3 and 4 are
+    started one at a time, beside those already running."""
+    import urllib.request
+
+    outcome: dict[str, Any] = {}
+    for label, preload in (("preloaded", "torch,torchvision"), ("no preload", "")):
+        seconds = []
+        with provider({"resnet": _shared(20)}, "--preload", preload) as base:
+            for replicas in (2, 3, 4):
+                began = time.monotonic()
+                request = urllib.request.Request(
+                    f"{base}/system/scale-function/resnet",
+                    data=json.dumps({"serviceName": "resnet", "replicas": replicas}).encode(),
+                )
+                urllib.request.urlopen(request, timeout=10).read()
+                _wait_all_available(base)
+                seconds.append(time.monotonic() - began)
+                print(f"replica-start: {label}: replica {replicas} in {seconds[-1]:.2f} s")
+        outcome[label] = {"seconds": seconds, "median_s": sorted(seconds)[1]}
+    ratio = outcome["no preload"]["median_s"] / outcome["preloaded"]["median_s"]
+    print(f"replica-start: preloaded starts {ratio:.1f}x faster (median of 3 each)", flush=True)
+    return {"mode": "replica-start", **outcome, "speedup": ratio}
+
+
 def _wait_all_available(base: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
     """Wait until every function of the provider at `base` has all its replicas available."""
     import urllib.request
@@ -883,6 +913,7 @@ MODES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "quotas": quotas,
     "memory-cap": memory_cap,
     "faults": faults,
+    "replica-start": replica_start,
 }
 
 
