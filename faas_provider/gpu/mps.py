@@ -249,7 +249,7 @@ class MpsDaemon:
     async def watch(
         self,
         on_lost: LossCallback,
-        interval_s: float = 1.0,
+        interval_s: float = 0.25,
         ask_every_s: float = 60.0,
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
