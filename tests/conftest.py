@@ -29,6 +29,7 @@ STEERABLE_HANDLER = textwrap.dedent(
     import time
 
     calls = 0
+    time.sleep(float(os.environ.get("LOAD_S", "0")))  # a model's load, where a test asks
 
 
     def handle(event, context):

@@ -241,6 +241,9 @@ async def on_fake_gpus(
 
 
 Call = tuple[float, int, Any]  # seconds it took, status, the pid that answered (or None)
+# replicas that take 0.6 s to load their model, so that a call made while one is replaced
+# shows by how long it waited
+LOADING = {"LOAD_S": "0.6"}
 
 
 @contextlib.asynccontextmanager
@@ -284,7 +287,8 @@ async def one_replica_a_gpu(client: TestClient) -> tuple[str, str, dict[str, int
     big = {"fastgshare/gpu_sm_partition": "60"}  # two of them do not fit on one GPU
     names = ("first", "second")
     for name in names:
-        assert await faas_cli_deploy(client, {**STEER, "service": name, "annotations": big}) == 202
+        steer = {**STEER, "service": name, "annotations": big, "envVars": LOADING}
+        assert await faas_cli_deploy(client, steer) == 202
     for name in names:
         await wait_available(client, name)
     pids = {}
@@ -318,7 +322,8 @@ async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_reque
     fatal fault, the replica on that GPU is replaced, a plain function answers throughout."""
     client, pool = await on_fake_gpus(aiohttp_client, settings, functions_root, 1)
     annotations = {"fastgshare/gpu_sm_partition": "50", "fastgshare/gpu_mem": "1.5Gi"}
-    assert await faas_cli_deploy(client, {**STEER, "annotations": annotations}) == 202
+    steer = {**STEER, "annotations": annotations, "envVars": LOADING}
+    assert await faas_cli_deploy(client, steer) == 202
     assert await faas_cli_deploy(client, ECHO) == 202
     await wait_available(client, "steer")
     await wait_available(client, "echo")
