@@ -483,6 +483,8 @@ def _show_in_proc(argv: list[str], env: dict[str, str]) -> None:
     show (the first ones, no longer read by anything), cut to fit, so that ps, nvidia-smi and
     whoever reads /proc see the replica rather than the fork server."""
     fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    if len(fields) < 49:  # before Linux 3.5 /proc does not say where they are: leave them
+        return
     # stat(5) fields 48..51, counted from 1 with pid and comm before the ")"
     arg_start, arg_end, env_start, env_end = (int(field) for field in fields[45:49])
     for start, end, items in (
