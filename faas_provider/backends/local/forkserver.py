@@ -110,7 +110,7 @@ class ForkServer:
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._children: dict[int, ForkedProcess] = {}
         self._ids = itertools.count()
-        self._fifos = Path(tempfile.mkdtemp(prefix="fast-gshare-fifos-"))
+        self._fifos: Path | None = None  # made by the first start, removed by close
         self._early_exits: dict[int, int] = {}  # exits reported before their spawn returned
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
@@ -120,6 +120,7 @@ class ForkServer:
     async def start(self) -> None:
         """Start the server and wait until it has imported the runtime and the gate; OSError
         saying why when it cannot."""
+        self._fifos = self._fifos or Path(tempfile.mkdtemp(prefix="fast-gshare-fifos-"))
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -161,6 +162,7 @@ class ForkServer:
         /dev/null; `view` (secret_view.SecretView.request) gives it its secrets' mount
         namespace. OSError when it could not be started."""
         await self._alive()
+        assert self._fifos is not None
         request_id = next(self._ids)
         out_path, err_path = self._fifos / f"{request_id}.out", self._fifos / f"{request_id}.err"
         os.mkfifo(out_path, 0o600)
@@ -175,6 +177,8 @@ class ForkServer:
             self._process.stdin.write(json.dumps(request).encode() + b"\n")
             await self._process.stdin.drain()
             said = await reply
+            if "error" in said:
+                raise OSError(said["error"])
         except BaseException:
             for reader in readers:
                 os.close(reader)
@@ -183,10 +187,6 @@ class ForkServer:
             self._replies.pop(request_id, None)
             out_path.unlink()
             err_path.unlink()
-        if "error" in said:
-            for reader in readers:
-                os.close(reader)
-            raise OSError(said["error"])
         stdout, stderr = [await _stream_reader(reader) for reader in readers]
         child = ForkedProcess(said["pid"], stdout, stderr, said["cold"])
         if child.pid in self._early_exits:
@@ -210,8 +210,9 @@ class ForkServer:
                 await process.wait()
         for task in (*self._tasks, *filter(None, [self._reader])):
             task.cancel()
-        with contextlib.suppress(OSError):
-            self._fifos.rmdir()
+        if self._fifos is not None:
+            with contextlib.suppress(OSError):
+                self._fifos.rmdir()
 
     async def _alive(self) -> None:
         """Make sure a server runs, starting a new one when the last one died. When this returns,
