@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from faas_provider.gate.gate import QuotaGate, Registration
+from faas_provider.gate.gate import QuotaGate
+from faas_provider.gate.registration import Registration
 from faas_provider.gate.service import TokenService
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""The `fast-gshare` command: `fast-gshare up` runs the provider on the embedded local backend."""
+"""The `fast-gshare` command: `fast-gshare up` runs the provider (on the embedded local backend
+unless `--backend` names another)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,29 @@ from aiohttp import web
 from faas_provider import __version__
 from faas_provider.api.app import create_app
 from faas_provider.api.worker import WorkerPool
-from faas_provider.backends.base import Backend, NotFound, ProviderError
-from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.backends.base import Backend
+from faas_provider.backends.factory import create_backend
+from faas_provider.backends.kubernetes.manifests import (
+    DEFAULT_RUN_DIR,
+    GATE_IMAGE,
+    node_agent_daemonset,
+)
+from faas_provider.backends.kubernetes.render import (
+    PLACEHOLDER_GPU,
+    dump,
+    parse_gpu,
+    stack_objects,
+)
+from faas_provider.backends.kubernetes.settings import KubernetesSettings
 from faas_provider.backends.local.forkserver import DEFAULT_PRELOAD
-from faas_provider.backends.local.gpus import GpuPool
+from faas_provider.backends.local.settings import LocalSettings, default_state_dir
 from faas_provider.backends.local.state import StateDirInUse
+from faas_provider.errors import NotFound, ProviderError
 from faas_provider.gpu.discovery import discover_gpus
 from faas_provider.gpu.share import parse_quantity
 from faas_provider.models import DEFAULT_NAMESPACE, FunctionDeployment
-from faas_provider.settings import Settings, default_state_dir
+from faas_provider.node.serve import serve_node
+from faas_provider.settings import Settings
 from faas_provider.stack import StackError, load_stack
 
 log = logging.getLogger("fast_gshare")
@@ -35,8 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fast-gshare", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fast-gshare {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser(
-        "up", help="run the provider with the local backend, deploying a stack file's functions"
+    up = commands.add_parser("up", help="run the provider, deploying a stack file's functions")
+    up.add_argument(
+        "--backend",
+        choices=["local", "kubernetes"],
+        default="local",
+        help="where functions run: local, processes on this machine (default); kubernetes, "
+        "the cluster of --kubeconfig, or the one the provider runs in",
+    )
+    _kubeconfig_flag(up, "kubernetes backend; ")
+    up.add_argument(
+        "--gate-image",
+        default=GATE_IMAGE,
+        help=f"image of the time-quota gate sidecar (kubernetes backend; default {GATE_IMAGE})",
     )
     up.add_argument("--stack", type=Path, help="faas-cli stack file whose functions to deploy")
     up.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
@@ -95,7 +121,72 @@ def _parser() -> argparse.ArgumentParser:
         f"{','.join(DEFAULT_PRELOAD)})",
     )
     up.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    render = commands.add_parser(
+        "render",
+        help="print the Kubernetes objects of a stack file's functions, without a cluster",
+    )
+    what = render.add_mutually_exclusive_group(required=True)
+    what.add_argument("-f", "--stack", type=Path, help="faas-cli stack file")
+    what.add_argument(
+        "--node-agent",
+        action="store_true",
+        help="the node agent's DaemonSet instead (k8s/node-agent.yaml is its default)",
+    )
+    render.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=1,
+        help="with --node-agent: GPUs each node agent holds from the device plugin and shares",
+    )
+    render.add_argument(
+        "--gpu",
+        action="append",
+        default=[],
+        metavar="NODE/UUID[/MEMORY]",
+        help="a GPU to place GPU-shared replicas on (repeatable; default one placeholder, "
+        f"{PLACEHOLDER_GPU})",
+    )
+    render.add_argument(
+        "--gate-image",
+        default=GATE_IMAGE,
+        help=f"image of the gate sidecar and of the node agent (default {GATE_IMAGE})",
+    )
+    render.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+    node = commands.add_parser(
+        "node",
+        help="run the node agent: MPS daemons, the token service and the fault watch of this "
+        "node's GPUs (what the DaemonSet of k8s/ runs)",
+    )
+    node.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path(str(DEFAULT_RUN_DIR.root)),
+        help=f"where the token socket and MPS directories go (default {DEFAULT_RUN_DIR.root})",
+    )
+    node.add_argument("--host", default="0.0.0.0", help="address of /healthz and /metrics")
+    node.add_argument("--port", type=int, default=9402, help="port of /healthz and /metrics")
+    node.add_argument(
+        "--node",
+        default=os.environ.get("NODE_NAME") or None,
+        help="this node's name: publish its GPUs on it, delete its pods of a GPU whose MPS "
+        "server is lost (env NODE_NAME; without it the agent touches no cluster)",
+    )
+    _kubeconfig_flag(node)
+    node.add_argument(
+        "--quota-window-ms", type=float, default=100.0, help="the token scheduler's window"
+    )
+    node.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
+
+
+def _kubeconfig_flag(parser: argparse.ArgumentParser, role: str = "") -> None:
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=os.environ.get("KUBECONFIG") or None,
+        help=f"kubeconfig of the cluster ({role}default: env KUBECONFIG, else in the cluster, "
+        "the pod's ServiceAccount)",
+    )
 
 
 def _byte_count(text: str) -> int:
@@ -117,21 +208,40 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "render":
+        _render(args)
+        return
+    if args.command == "node":
+        node = serve_node(
+            discover_gpus(),
+            args.run_dir,
+            args.host,
+            args.port,
+            args.quota_window_ms / 1000,
+            args.node,
+            args.kubeconfig,
+        )
+        asyncio.run(node)
+        return
     functions_dir = args.functions_dir or (
         args.stack.parent / "functions" if args.stack else Path("functions")
     )
     settings = Settings(
         host=args.host,
         port=args.port,
-        state_dir=args.state_dir,
-        functions_dir=functions_dir.resolve(),
+        backend=args.backend,
+        kubernetes=KubernetesSettings(kubeconfig=args.kubeconfig, gate_image=args.gate_image),
+        local=LocalSettings(
+            state_dir=args.state_dir,
+            functions_dir=functions_dir.resolve(),
+            quota_window_s=args.quota_window_ms / 1000,
+            preload=[name.strip() for name in args.preload.split(",") if name.strip()],
+        ),
         basic_auth=args.basic_auth,
         secret_mount_path=args.secret_mount_path,
         workers=args.workers,
-        quota_window_s=args.quota_window_ms / 1000,
         max_system_body=args.max_system_body,
         max_function_body=args.max_function_body,
-        preload=[name.strip() for name in args.preload.split(",") if name.strip()],
     )
     stack: list[FunctionDeployment] = []
     if args.stack:
@@ -140,6 +250,23 @@ def main(argv: list[str] | None = None) -> None:
         except StackError as error:
             raise SystemExit(f"fast-gshare: {error}") from error
     asyncio.run(_up(settings, stack))
+
+
+def _render(args: argparse.Namespace) -> None:
+    """Print the objects of a stack's functions, or the node agent's, as a YAML stream."""
+    if args.node_agent:
+        if args.gpus_per_node < 1:
+            raise SystemExit("fast-gshare render: --gpus-per-node must be 1 or more")
+        print(
+            dump([node_agent_daemonset(args.gate_image, gpus_per_node=args.gpus_per_node)]), end=""
+        )
+        return
+    try:
+        stack = load_stack(args.stack)
+        gpus = [parse_gpu(text, i) for i, text in enumerate(args.gpu or [PLACEHOLDER_GPU])]
+        print(dump(stack_objects(stack, gpus, args.gate_image)), end="")
+    except (StackError, ValueError, ProviderError) as error:
+        raise SystemExit(f"fast-gshare render: {error}") from error
 
 
 async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
@@ -154,14 +281,7 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
         raise SystemExit(
             f"fast-gshare: cannot listen on {base}: {error.strerror}; choose another --port"
         ) from None
-    gpus = GpuPool(discover_gpus(), window_s=settings.quota_window_s)
-    backend = LocalBackend(
-        settings.state_dir,
-        settings.functions_dir,
-        settings.startup_wait_s,
-        gpus=gpus,
-        preload=settings.preload,
-    )
+    backend = create_backend(settings)
     runner = web.AppRunner(create_app(backend, settings), access_log=None)
     try:
         await runner.setup()
@@ -169,7 +289,7 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
         listener.close()
         raise SystemExit(f"fast-gshare: {error}") from None
     await web.SockSite(runner, listener).start()
-    log.info("provider listening on %s (local backend, state in %s)", base, settings.state_dir)
+    log.info("provider listening on %s (%s backend)", base, settings.backend)
     workers: WorkerPool | None = None
     control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{os.getpid()}.sock"
     if several:

@@ -6,14 +6,20 @@ DNS-1123 labels, the rule Kubernetes and faas-netes apply to function names and 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Base64Bytes, BaseModel, BeforeValidator, ConfigDict, Field
 
+from faas_provider.errors import Conflict, InvalidRequest
+
 DEFAULT_NAMESPACE = "openfaas-fn"
 MAX_REPLICAS = 1000  # the most replicas a function may ask for, by scale or by its labels
+SCALE_MIN_LABEL = "com.openfaas.scale.min"  # replicas at deploy, and from zero (the gateway's)
+FUNCTION_LABEL = "faas_function"  # on every function's status, as faas-netes labels its pods
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -38,6 +44,16 @@ def check_dns_subdomain(value: str, what: str = "name") -> str:
             "'-' and '.', starting and ending with a letter or digit"
         )
     return value
+
+
+def check_namespace_deletion(name: str, has_functions: bool) -> None:
+    """Conflict when namespace `name` may not be deleted: the default, or one with functions."""
+    if name == DEFAULT_NAMESPACE:
+        raise Conflict(
+            f"namespace {name} is the default, where calls that name none go; it cannot be deleted"
+        )
+    if has_functions:
+        raise Conflict(f"namespace {name} still has functions; delete them first")
 
 
 def namespace_or_default(value: str | None) -> str:
@@ -124,6 +140,56 @@ class FunctionDeployment(_Wire):
     limits: FunctionResources | None = None
     requests: FunctionResources | None = None
     read_only_root_filesystem: bool = Field(default=False, alias="readOnlyRootFilesystem")
+
+    def min_replicas(self) -> int:
+        """Replicas it starts with: label com.openfaas.scale.min, default 1; InvalidRequest
+        naming the label when that is not a whole number from 0 to MAX_REPLICAS."""
+        text = self.labels.get(SCALE_MIN_LABEL, "1")
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= MAX_REPLICAS:
+            raise InvalidRequest(
+                f"label {SCALE_MIN_LABEL} must be a whole number from 0 to {MAX_REPLICAS}, "
+                f"not {text!r}"
+            )
+        return value
+
+    def runtime_digest(self) -> str:
+        """A digest of what its replicas are started from (all but the labels): an update that
+        changes it replaces the replicas."""
+        wire = self.to_wire()
+        wire.pop("labels", None)
+        return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()
+
+    def status(
+        self,
+        replicas: int,
+        available: int,
+        created_at: datetime,
+        usage: FunctionUsage | None = None,
+    ) -> FunctionStatus:
+        """Its FunctionStatus: `replicas` desired, `available` ready, labelled
+        `faas_function: <name>` as faas-netes labels every function."""
+        return FunctionStatus(
+            name=self.service,
+            namespace=self.namespace,
+            image=self.image,
+            envProcess=self.env_process,
+            envVars=self.env_vars,
+            constraints=self.constraints,
+            secrets=self.secrets,
+            labels={**self.labels, FUNCTION_LABEL: self.service},
+            annotations=self.annotations,
+            limits=self.limits,
+            requests=self.requests,
+            readOnlyRootFilesystem=self.read_only_root_filesystem,
+            replicas=replicas,
+            availableReplicas=available,
+            createdAt=created_at,
+            usage=usage,
+        )
 
 
 class FunctionUsage(_Wire):

@@ -7,17 +7,21 @@ import contextlib
 import importlib.util
 import io
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from kubernetes_asyncio.client import ApiClient
 
 from faas_provider.api.app import create_app
+from faas_provider.backends.factory import create_backend
 from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.backends.local.settings import LocalSettings
 from faas_provider.settings import Settings
+from tests import kube
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,16 +82,57 @@ def functions_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, functions_root: Path) -> Settings:
-    return Settings(
-        port=0, state_dir=tmp_path / "state", functions_dir=functions_root, startup_wait_s=20
-    )
+    local = LocalSettings(state_dir=tmp_path / "state", functions_dir=functions_root)
+    return Settings(port=0, local=local, startup_wait_s=20)
 
 
 @pytest.fixture
 async def client(aiohttp_client: Any, settings: Settings) -> AsyncIterator[TestClient]:
     """A client of a real provider server whose backend runs real replica processes."""
-    backend = LocalBackend(settings.state_dir, settings.functions_dir, settings.startup_wait_s)
-    yield await aiohttp_client(create_app(backend, settings))
+    yield await aiohttp_client(create_app(local_backend(settings), settings))
+
+
+def local_backend(settings: Settings) -> LocalBackend:
+    """The local backend of `settings`."""
+    local = settings.local
+    return LocalBackend(local.state_dir, local.functions_dir, settings.startup_wait_s)
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kube.ApiServer]:
+    """One real Kubernetes API server for the session (skips without KUBEBUILDER_ASSETS)."""
+    with kube.api_server(tmp_path_factory.mktemp("envtest")) as server:
+        yield server
+
+
+@pytest.fixture
+async def kube_admin(api_server: kube.ApiServer) -> AsyncIterator[ApiClient]:
+    """An admin client of the API server; its function namespace emptied, one GPU node."""
+    api = await kube.admin(api_server)
+    await kube.reset(api)
+    yield api
+    await api.close()
+
+
+@pytest.fixture(params=["local", "kubernetes"])
+async def provider(
+    request: pytest.FixtureRequest, aiohttp_client: Any, settings: Settings
+) -> AsyncIterator[TestClient]:
+    """A client of a real provider server on each backend: the local one with real replica
+    processes; the Kubernetes one on a real API server (its function namespace emptied, one
+    GPU node), with the stand-in kubelet of tests/kube.py."""
+    if request.param == "local":
+        yield await aiohttp_client(create_app(local_backend(settings), settings))
+        return
+    server: kube.ApiServer = request.getfixturevalue("api_server")
+    api = await kube.admin(server)
+    await kube.reset(api)
+    on_cluster = kube.on_cluster(settings, server.kubeconfig)
+    try:
+        async with kube.kubelet(api):
+            yield await aiohttp_client(create_app(create_backend(on_cluster), on_cluster))
+    finally:
+        await api.close()
 
 
 async def faas_cli_deploy(client: TestClient, body: dict[str, Any]) -> int:

@@ -335,11 +335,13 @@ async def test_hostile_requests_to_every_system_route(
             assert function["image"]
             assert 0 <= function["replicas"] <= 1000
             assert set(function["secrets"] or []) <= secrets
-            mount = settings.state_dir / "mounts" / namespace / name / "secrets"
+            mount = settings.local.state_dir / "mounts" / namespace / name / "secrets"
             assert sorted(p.name for p in mount.iterdir()) == sorted(function["secrets"] or [])
 
     await client.close()  # the provider lets the state directory go
-    again = LocalBackend(settings.state_dir, settings.functions_dir, settings.startup_wait_s)
+    again = LocalBackend(
+        settings.local.state_dir, settings.local.functions_dir, settings.startup_wait_s
+    )
     await again.start()
     try:
         reloaded = {

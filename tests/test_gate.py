@@ -15,7 +15,8 @@ import pytest
 from aiohttp import web
 
 from faas_provider.gate.__main__ import create_gate_app
-from faas_provider.gate.gate import QuotaGate, Registration, SchedulerUnavailable, WorkEstimate
+from faas_provider.gate.gate import QuotaGate, SchedulerUnavailable, WorkEstimate
+from faas_provider.gate.registration import Registration
 from faas_provider.gate.service import TokenService
 
 

@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient
 from faas_provider.api.app import create_app
 from faas_provider.backends.local import replica as replica_module
 from faas_provider.backends.local.backend import LocalBackend
-from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.node.agent import NodeAgent
 from faas_provider.settings import Settings
 from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available, wait_logged
 
@@ -41,7 +41,7 @@ async def gpu_client(aiohttp_client: Any, settings: Settings, functions_root: Pa
     (functions_root / "sleepy").mkdir()
     (functions_root / "sleepy" / "handler.py").write_text(SLEEPY)
     backend = LocalBackend(
-        settings.state_dir, functions_root, gpus=GpuPool([VIRTUAL], window_s=0.1)
+        settings.local.state_dir, functions_root, node=NodeAgent([VIRTUAL], window_s=0.1)
     )
     return await aiohttp_client(create_app(backend, settings))
 
@@ -121,8 +121,8 @@ async def test_a_call_to_a_pending_function_says_why_it_waits(
 ) -> None:
     (functions_root / "sleepy").mkdir()
     (functions_root / "sleepy" / "handler.py").write_text(SLEEPY)
-    gpus = GpuPool([VIRTUAL], window_s=0.1)
-    backend = LocalBackend(settings.state_dir, functions_root, startup_wait_s=0.5, gpus=gpus)
+    gpus = NodeAgent([VIRTUAL], window_s=0.1)
+    backend = LocalBackend(settings.local.state_dir, functions_root, startup_wait_s=0.5, node=gpus)
     client = await aiohttp_client(create_app(backend, settings))
     assert await faas_cli_deploy(client, shared("first", sm_partition="70")) == 202
     await wait_available(client, "first")
@@ -228,15 +228,15 @@ async def test_a_killed_gate_is_restarted_with_its_replica(gpu_client: TestClien
 
 async def on_fake_gpus(
     aiohttp_client: Any, settings: Settings, functions_root: Path, count: int
-) -> tuple[TestClient, GpuPool]:
+) -> tuple[TestClient, NodeAgent]:
     """The provider on `count` pretend real GPUs, each with the stand-in MPS control binary."""
     devices = [
         GpuDevice(index=i, uuid=f"GPU-fake-{i}", name="fake", memory_bytes=16 * 1024**3)
         for i in range(count)
     ]
     fake = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
-    pool = GpuPool(devices, mps_binary=fake)
-    backend = LocalBackend(settings.state_dir, functions_root, gpus=pool)
+    pool = NodeAgent(devices, mps_binary=fake)
+    backend = LocalBackend(settings.local.state_dir, functions_root, node=pool)
     return await aiohttp_client(create_app(backend, settings)), pool
 
 
@@ -437,8 +437,8 @@ async def test_a_gpu_whose_mps_daemon_will_not_start_still_serves_by_time(
     aiohttp_client: Any, settings: Settings, functions_root: Path
 ) -> None:
     device = GpuDevice(index=0, uuid="GPU-fake-0", name="fake", memory_bytes=16 * 1024**3)
-    pool = GpuPool([device], mps_binary="false")  # exits 1: the daemon never starts
-    backend = LocalBackend(settings.state_dir, functions_root, gpus=pool)
+    pool = NodeAgent([device], mps_binary="false")  # exits 1: the daemon never starts
+    backend = LocalBackend(settings.local.state_dir, functions_root, node=pool)
     client = await aiohttp_client(create_app(backend, settings))
     assert pool.daemon(0) is None
     on_gpu = {**STEER, "annotations": {"fastgshare/gpu_sm_partition": "50"}}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from faas_provider.gpu.mps import MpsDaemon, MpsError, ServerLoss, _alive
+from faas_provider.gpu.mps import MpsDaemon, MpsError, ServerLoss, _alive, short_id
 
 FAKE = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
 UUID = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
@@ -93,16 +93,18 @@ async def test_start_answers_and_stop_leaves_no_process(daemon: MpsDaemon) -> No
 
 async def test_daemon_gets_its_gpu_and_directories(tmp_path: Path) -> None:
     daemon = MpsDaemon(3, UUID, tmp_path, binary=FAKE)
+    short = short_id(UUID)
+    assert short == UUID.removeprefix("GPU-")[:8], "named by UUID: indices change between boots"
     assert daemon.env == {
         "CUDA_VISIBLE_DEVICES": UUID,
-        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "gpu3" / "pipe"),
-        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "gpu3" / "log"),
+        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / short / "pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / short / "log"),
     }
     await daemon.start()
     try:
         environ = environment(daemon.pid())
         assert f"CUDA_VISIBLE_DEVICES={UUID}".encode() in environ
-        assert f"CUDA_MPS_PIPE_DIRECTORY={tmp_path / 'gpu3' / 'pipe'}".encode() in environ
+        assert f"CUDA_MPS_PIPE_DIRECTORY={tmp_path / short / 'pipe'}".encode() in environ
     finally:
         await daemon.stop()
 
@@ -111,8 +113,8 @@ def test_client_env(tmp_path: Path) -> None:
     daemon = MpsDaemon(1, UUID, tmp_path)
     assert daemon.client_env(25, 2 * 1024**3) == {
         "CUDA_VISIBLE_DEVICES": UUID,
-        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "gpu1" / "pipe"),
-        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "gpu1" / "log"),
+        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "8932f937" / "pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "8932f937" / "log"),
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25",
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=2048M",
     }

@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient
 
 from faas_provider.api.app import create_app
 from faas_provider.backends.local.backend import LocalBackend
-from faas_provider.backends.local.gpus import GpuPool
 from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.node.agent import NodeAgent
 from faas_provider.settings import Settings
 from tests.conftest import faas_cli_deploy, wait_available
 
@@ -90,7 +90,7 @@ async def gpu_client(
         (functions_root / name).mkdir()
         (functions_root / name / "handler.py").write_text(source)
     backend = LocalBackend(
-        settings.state_dir, functions_root, gpus=GpuPool([VIRTUAL], window_s=WINDOW_S)
+        settings.local.state_dir, functions_root, node=NodeAgent([VIRTUAL], window_s=WINDOW_S)
     )
     return await aiohttp_client(create_app(backend, settings))
 

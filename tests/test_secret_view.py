@@ -43,7 +43,7 @@ async def test_each_function_reads_its_own_secrets_at_var_openfaas_secrets(
     forks = ForkServer(python_environment(), preload=())
     await forks.start()
     try:
-        view = await probe_secret_view(settings.state_dir, forks)
+        view = await probe_secret_view(settings.local.state_dir, forks)
     finally:
         await forks.close()
     if not isinstance(view, SecretView):
@@ -54,7 +54,7 @@ async def test_each_function_reads_its_own_secrets_at_var_openfaas_secrets(
     assert await faas_cli_deploy(client, cat("reader", "/var/openfaas/secrets/x", ["x"])) == 202
     intruder = cat("intruder", "/var/openfaas/secrets/x", ["y"], namespace="team-b")
     assert await faas_cli_deploy(client, intruder) == 202
-    store = cat("store", str(settings.state_dir.absolute() / "secrets.json"), ["y"], "team-b")
+    store = cat("store", str(settings.local.state_dir.absolute() / "secrets.json"), ["y"], "team-b")
     assert await faas_cli_deploy(client, store) == 202
     for name, namespace in (("reader", "openfaas-fn"), ("intruder", "team-b"), ("store", "team-b")):
         await wait_available(client, name, namespace=namespace)
@@ -80,11 +80,14 @@ async def test_without_the_view_secrets_are_at_secret_mount_path_and_the_start_s
         return "forced for the test"
 
     backend = LocalBackend(
-        settings.state_dir, settings.functions_dir, settings.startup_wait_s, probe_secrets=refuse
+        settings.local.state_dir,
+        settings.local.functions_dir,
+        settings.startup_wait_s,
+        probe_secrets=refuse,
     )
     with caplog.at_level(logging.INFO, logger="fast_gshare.local"):
         client = await aiohttp_client(create_app(backend, settings))
-    said = [r.getMessage() for r in caplog.records if "secret" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "secrets at" in r.getMessage()]
     assert said == [
         "replicas read their secrets at $secret_mount_path only, not at "
         "/var/openfaas/secrets: forced for the test"

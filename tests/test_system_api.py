@@ -1,4 +1,5 @@
-"""Contract tests for secrets, namespaces, logs, healthz, metrics and basic auth."""
+"""Secrets as the local backend's replicas read them, logs, healthz, metrics and basic auth
+(test_contract.py holds the secret and namespace calls every backend answers alike)."""
 
 from __future__ import annotations
 
@@ -18,35 +19,6 @@ from faas_provider.settings import Settings
 from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available
 
 
-async def test_secrets_crud_never_shows_values(client: TestClient) -> None:
-    created = await client.post("/system/secrets", json={"name": "api-key", "value": "s3cret"})
-    assert created.status == 201
-    duplicate = await client.post("/system/secrets", json={"name": "api-key", "value": "x"})
-    assert duplicate.status == 409
-    listed = await client.get("/system/secrets?namespace=openfaas-fn")
-    assert await listed.json() == [{"name": "api-key", "namespace": "openfaas-fn"}]
-    assert "s3cret" not in await listed.text()
-    updated = await client.put("/system/secrets", json={"name": "api-key", "value": "new"})
-    assert updated.status in (200, 202)
-    missing = await client.put("/system/secrets", json={"name": "nope", "value": "x"})
-    assert missing.status == 404
-    deleted = await client.delete(
-        "/system/secrets", json={"name": "api-key", "namespace": "openfaas-fn"}
-    )
-    assert deleted.status in (200, 202)
-    assert await (await client.get("/system/secrets")).json() == []
-    again = await client.delete("/system/secrets", json={"name": "api-key"})
-    assert again.status == 404
-
-
-async def test_bad_secret_names_are_refused(client: TestClient) -> None:
-    for name in ("../etc", "UPPER", "a/b", ""):
-        response = await client.post("/system/secrets", json={"name": name, "value": "x"})
-        assert response.status == 400, name
-        assert "name" in await response.text()
-    assert await (await client.get("/system/secrets")).json() == []
-
-
 async def test_function_reads_its_secret_file_mode_0600_raw_value_wins(
     client: TestClient,
 ) -> None:
@@ -61,35 +33,6 @@ async def test_function_reads_its_secret_file_mode_0600_raw_value_wins(
     await client.put("/system/secrets", json={"name": "db-pass", "value": "rotated"})
     answer = await (await client.post("/function/steer", data=b"secret db-pass")).json()
     assert answer["value"] == "rotated"
-
-
-async def test_namespaces(client: TestClient) -> None:
-    assert await (await client.get("/system/namespaces")).json() == ["openfaas-fn"]
-    created = await client.post("/system/namespace/team-a", json={"labels": {"x": "1"}})
-    assert created.status == 201
-    assert (await client.post("/system/namespace/team-a")).status == 409
-    assert (await client.post("/system/namespace/Team_A")).status == 400
-    # faas-cli's form: no name in the path, the name in the body
-    by_body = await client.post(
-        "/system/namespace/", json={"name": "team-b", "labels": {"openfaas": "1"}}
-    )
-    assert by_body.status == 201
-    assert (await client.post("/system/namespace/", json={"name": "../x"})).status == 400
-    assert (await client.post("/system/namespace/", json={})).status == 400
-    got = await (await client.get("/system/namespace/team-a")).json()
-    assert got == {"name": "team-a", "labels": {"x": "1"}, "annotations": {}}
-    assert await faas_cli_deploy(client, {**ECHO, "namespace": "team-a"}) == 202
-    in_use = await client.delete("/system/namespace/team-a")
-    assert in_use.status == 409
-    listed = await (await client.get("/system/functions?namespace=team-a")).json()
-    assert [f["namespace"] for f in listed] == ["team-a"]
-    assert await (await client.get("/system/functions")).json() == []
-    await wait_available(client, "echo", namespace="team-a")
-    answer = await client.post("/function/echo.team-a", data=b"ns")
-    assert await answer.text() == "ns"
-    await client.delete("/system/functions?namespace=team-a", json={"functionName": "echo"})
-    assert (await client.delete("/system/namespace/team-a")).status == 202
-    assert (await client.get("/system/namespace/team-a")).status == 404
 
 
 async def _log_lines(client: TestClient, query: str) -> list[dict[str, Any]]:
@@ -165,7 +108,7 @@ async def auth_client(aiohttp_client: Any, settings: Settings, tmp_path: Path) -
     (secrets / "basic-auth-user").write_text("admin\n")
     (secrets / "basic-auth-password").write_text(" pa55 \n")
     settings = settings.model_copy(update={"basic_auth": True, "secret_mount_path": secrets})
-    backend = LocalBackend(settings.state_dir, settings.functions_dir)
+    backend = LocalBackend(settings.local.state_dir, settings.local.functions_dir)
     return await aiohttp_client(create_app(backend, settings))
 
 

@@ -11,9 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from faas_provider.api import proxy
-from faas_provider.api.keys import SETTINGS, UPSTREAM
-from faas_provider.settings import Settings
+from faas_provider.forwarding import forward
 from faas_provider.upstream import ConnectFailed, UpstreamError, UpstreamPool, parse_base_url
 
 Script = Callable[[bytes], list[bytes]]
@@ -208,11 +206,10 @@ async def test_forward_streams_an_answer_of_unknown_length_as_it_comes(
     await upstream.start_server()
 
     async def through(request: web.Request) -> web.StreamResponse:
-        return await proxy.forward(request, f"http://{upstream.host}:{upstream.port}", "/")
+        return await forward(request, pool, f"http://{upstream.host}:{upstream.port}", "/", 30.0)
 
+    pool = UpstreamPool()
     app = web.Application()
-    app[SETTINGS] = Settings()
-    app[UPSTREAM] = UpstreamPool()
     app.router.add_get("/", through)
     client = await aiohttp_client(app)
     try:
@@ -223,5 +220,5 @@ async def test_forward_streams_an_answer_of_unknown_length_as_it_comes(
         release.set()
         assert await response.content.read() == b"data: two\n\n"
     finally:
-        await app[UPSTREAM].close()
+        await pool.close()
         await upstream.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from faas_provider.backends.base import ProviderError
+from faas_provider.errors import ProviderError
 from faas_provider.settings import Settings
 
 

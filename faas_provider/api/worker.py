@@ -28,7 +28,8 @@ from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.limits import BodyTooLarge, system_limit
 from faas_provider.api.middleware import basic_auth
 from faas_provider.api.resolver import EndpointSource, Resolver
-from faas_provider.backends.base import NotFound, Unavailable
+from faas_provider.errors import NotFound, Unavailable
+from faas_provider.forwarding import bad_gateway, forward
 from faas_provider.processes import watch_parent
 from faas_provider.settings import Settings, read_basic_auth
 from faas_provider.upstream import UpstreamError, UpstreamPool, parse_base_url
@@ -62,13 +63,19 @@ def create_worker_app(settings: Settings, control_socket: Path) -> web.Applicati
     async def to_provider(request: web.Request) -> web.StreamResponse:
         """Pass a non-invocation request through to the provider process unchanged."""
         try:
-            return await proxy.forward(
-                request, control, request.raw_path, system_limit(request.app[SETTINGS])
+            settings = request.app[SETTINGS]
+            return await forward(
+                request,
+                request.app[UPSTREAM],
+                control,
+                request.raw_path,
+                settings.upstream_timeout_s,
+                system_limit(settings),
             )
         except BodyTooLarge as error:
             return web.Response(status=error.status, text=str(error))
         except (UpstreamError, TimeoutError) as error:
-            return proxy.bad_gateway("the provider process", error)
+            return bad_gateway("the provider process", error)
 
     app.cleanup_ctx.append(lifecycle)
     app.add_routes(

@@ -1,7 +1,7 @@
-"""The one seam between the HTTP contract and a backend: the `Backend` protocol and its errors.
+"""The one seam between the HTTP contract and a backend: the `Backend` protocol.
 
 The API layer speaks only to this protocol; the local backend (processes on this machine) and
-the Kubernetes backend implement it. Errors carry the HTTP status the API answers with.
+the Kubernetes backend implement it. Its methods raise the errors of faas_provider/errors.py.
 """
 
 from __future__ import annotations
@@ -12,36 +12,6 @@ from datetime import datetime
 from typing import Protocol
 
 from faas_provider.models import FunctionDeployment, FunctionStatus, LogMessage, Secret
-
-
-class ProviderError(Exception):
-    """An error the API turns into an HTTP answer with `status` and the message as body."""
-
-    status = 500
-
-
-class InvalidRequest(ProviderError):
-    """The request is well-formed JSON but asks for something that cannot be done (400)."""
-
-    status = 400
-
-
-class NotFound(ProviderError):
-    """The function, secret or namespace does not exist (404)."""
-
-    status = 404
-
-
-class Conflict(ProviderError):
-    """The function, secret or namespace exists already, or is in use (409)."""
-
-    status = 409
-
-
-class Unavailable(ProviderError):
-    """The function exists but no replica can take the request now (503)."""
-
-    status = 503
 
 
 @dataclass(frozen=True)

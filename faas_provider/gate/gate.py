@@ -25,26 +25,16 @@ import contextlib
 import json
 import logging
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from faas_provider.gate.registration import Registration
 
 log = logging.getLogger("fast_gshare.gate")
 
 
 class SchedulerUnavailable(Exception):
     """The token service cannot be reached."""
-
-
-@dataclass(frozen=True)
-class Registration:
-    """Who the gate speaks for: the GPU, the replica and its share."""
-
-    gpu: str
-    client: str
-    sm_percent: int
-    quota_request: float
-    quota_limit: float
 
 
 class WorkEstimate:
@@ -111,15 +101,7 @@ class QuotaGate:
             reader, self._writer = await asyncio.open_unix_connection(self._socket_path)
         except OSError as error:
             raise SchedulerUnavailable(f"token service at {self._socket_path}: {error}") from error
-        r = self._registration
-        hello = {
-            "gpu": r.gpu,
-            "client": r.client,
-            "sm": r.sm_percent,
-            "request": r.quota_request,
-            "limit": r.quota_limit,
-        }
-        self._writer.write(json.dumps(hello).encode() + b"\n")
+        self._writer.write(self._registration.message())
         self._holding = self._idle_reported = False
         self._reading = asyncio.create_task(self._read(reader, self._writer))
 

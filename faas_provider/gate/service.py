@@ -1,6 +1,7 @@
 """The node's token service: one QuotaScheduler per GPU, spoken to over a Unix socket.
 
-The protocol is JSON lines on one connection per gate. The gate's first line registers it:
+The protocol is JSON lines on one connection per gate. The gate's first line registers it
+(gate/registration.py):
 `{"gpu": "GPU-…", "client": "resnet50-0", "sm": 14, "request": 1.0, "limit": 1.0}`; then
 `{"op": "acquire"}` is answered `{"lease_s": 0.087}` once a token is granted,
 `{"op": "renew"}` from a holder whose lease ran out is answered at once, `{"lease_s": 0.1}`
@@ -23,6 +24,7 @@ import json
 import logging
 from pathlib import Path
 
+from faas_provider.gate.registration import Registration
 from faas_provider.gate.scheduler import QuotaScheduler
 
 log = logging.getLogger("fast_gshare.scheduler")
@@ -68,12 +70,17 @@ class TokenService:
                 writer.write(json.dumps(self.charged_total()).encode() + b"\n")
                 await writer.drain()
                 return
-            gpu, client = str(first["gpu"]), str(first["client"])
+            registration = Registration.from_message(first)
+            gpu, client = registration.gpu, registration.client
             scheduler = self._schedulers.get(gpu)
             if scheduler is None:
                 scheduler = self._schedulers[gpu] = QuotaScheduler(self.window_s, _now())
-            share = int(first["sm"]), float(first["request"]), float(first["limit"])
-            scheduler.register(client, *share)
+            scheduler.register(
+                client,
+                registration.sm_percent,
+                registration.quota_request,
+                registration.quota_limit,
+            )
             key = (gpu, client)
             old = self._writers.pop(key, None)
             if old is not None:

@@ -24,6 +24,12 @@ class GpuDevice:
     memory_bytes: int
     sm_count: int | None = None
     virtual: bool = False
+    node: str | None = None  # on a cluster, the node it is on
+
+    @property
+    def label(self) -> str:
+        """How log lines and refusals name it: `GPU 0`, or `GPU 0 of node gpu-1`."""
+        return f"GPU {self.index}" + (f" of node {self.node}" if self.node else "")
 
 
 def discover_gpus(virtual_memory_bytes: int = VIRTUAL_GPU_MEMORY) -> list[GpuDevice]:

@@ -74,6 +74,38 @@ class ServerLoss:
 LossCallback = Callable[[ServerLoss], Awaitable[None]]
 
 
+def pipe_dir(base_dir: Path | str, gpu_uuid: str) -> Path:
+    """The pipe directory of a GPU's daemon under `base_dir`: named by the GPU's UUID, not its
+    index (indices may change between boots), and short (a socket's path holds 107 bytes)."""
+    return Path(base_dir) / short_id(gpu_uuid) / "pipe"
+
+
+def short_id(gpu_uuid: str) -> str:
+    """The first 8 hex digits of a GPU's UUID (`GPU-8f2e1a3b-…` -> `8f2e1a3b`): its MPS
+    directory's name and its share of a function's Deployment name."""
+    digits = "".join(c for c in gpu_uuid.lower().removeprefix("gpu-") if c in "0123456789abcdef")
+    return digits[:8] or "gpu"
+
+
+def client_share_env(sm_percent: int | None, memory_limit_bytes: int | None) -> dict[str, str]:
+    """An MPS client's SM percentage and pinned-memory cap, as CUDA reads them at context start.
+
+    The client sees its one GPU as device 0 (`CUDA_VISIBLE_DEVICES` or, in a container,
+    `NVIDIA_VISIBLE_DEVICES` names it by UUID), so the cap reads `0=<MiB>M` (rounded down: the
+    cap never exceeds the request).
+    """
+    env = {}
+    if sm_percent is not None:
+        if not 1 <= sm_percent <= 100:
+            raise ValueError(f"SM percentage must be 1..100, not {sm_percent}")
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
+    if memory_limit_bytes is not None:
+        if memory_limit_bytes < MIB:
+            raise ValueError(f"memory limit must be at least 1 MiB, not {memory_limit_bytes}")
+        env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={memory_limit_bytes // MIB}M"
+    return env
+
+
 class MpsError(RuntimeError):
     """An MPS control daemon did not start or answer as asked."""
 
@@ -91,9 +123,8 @@ class MpsDaemon:
     ) -> None:
         self.gpu_index = gpu_index
         self.gpu_uuid = gpu_uuid
-        root = Path(base_dir) / f"gpu{gpu_index}"
-        self.pipe_dir = root / "pipe"
-        self.log_dir = root / "log"
+        self.pipe_dir = pipe_dir(base_dir, gpu_uuid)
+        self.log_dir = self.pipe_dir.parent / "log"
         self.binary = binary
         self.command_timeout_s = command_timeout_s
         self._log_offsets: dict[str, int] = {}
@@ -108,21 +139,8 @@ class MpsDaemon:
         }
 
     def client_env(self, sm_percent: int | None, memory_limit_bytes: int | None) -> dict[str, str]:
-        """Environment for a replica that is an MPS client of this GPU.
-
-        `CUDA_VISIBLE_DEVICES` names the GPU by UUID, so inside the client it is device 0 and
-        the memory cap reads `0=<MiB>M` (rounded down: the cap never exceeds the request).
-        """
-        env = dict(self.env)
-        if sm_percent is not None:
-            if not 1 <= sm_percent <= 100:
-                raise ValueError(f"SM percentage must be 1..100, not {sm_percent}")
-            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
-        if memory_limit_bytes is not None:
-            if memory_limit_bytes < MIB:
-                raise ValueError(f"memory limit must be at least 1 MiB, not {memory_limit_bytes}")
-            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={memory_limit_bytes // MIB}M"
-        return env
+        """Environment for a replica that is an MPS client of this GPU (see `client_share_env`)."""
+        return {**self.env, **client_share_env(sm_percent, memory_limit_bytes)}
 
     def pid(self) -> int | None:
         """The control daemon's pid, from the pid file it keeps in its pipe directory."""

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from faas_provider.backends.base import InvalidRequest
+from faas_provider.errors import InvalidRequest
+from faas_provider.gate.registration import Registration
 from faas_provider.models import FunctionDeployment
 
 SM_PARTITION = "fastgshare/gpu_sm_partition"
@@ -56,6 +57,10 @@ class GpuShare:
     def footprint(self) -> float:
         """SM-percent times guaranteed time share: a whole GPU is 100."""
         return self.sm_percent * self.quota_request
+
+    def registration(self, gpu: str, client: str) -> Registration:
+        """What the gate of replica `client` on GPU `gpu` tells that GPU's token scheduler."""
+        return Registration(gpu, client, self.sm_percent, self.quota_request, self.quota_limit)
 
 
 def parse_quantity(text: str) -> int:

@@ -1,11 +1,12 @@
 """Run one function replica.
 
-    python -m faas_provider.runtime --port 0 [--handler DIR] [--parent-pid PID]
+    python -m faas_provider.runtime --port 0 [--host 127.0.0.1] [--handler DIR] [--parent-pid PID]
 
-Binds 127.0.0.1, loads the function, then prints the one line `Listening on port: N` on stdout;
-every log line goes to stderr. SIGTERM or SIGINT: stop accepting, give requests in flight
-SHUTDOWN_GRACE_S to finish, exit 0. When the --parent-pid process is gone: kill in-flight
-fprocess children and exit 0 at once. A handler that fails to import: exit 1.
+Binds the host (127.0.0.1 unless told), loads the function, then prints the one line
+`Listening on port: N` on stdout; every log line goes to stderr. SIGTERM or SIGINT: stop
+accepting, give requests in flight SHUTDOWN_GRACE_S to finish, exit 0. When the --parent-pid
+process is gone: kill in-flight fprocess children and exit 0 at once. A handler that fails to
+import: exit 1.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from faas_provider.runtime.watchdog import RUNTIME, RuntimeConfig, create_runtim
 
 log = logging.getLogger("fast_gshare.runtime")
 
-HOST = "127.0.0.1"
+DEFAULT_HOST = "127.0.0.1"
 SHUTDOWN_GRACE_S = 3.0  # below the local backend's 5 s between SIGTERM and SIGKILL
 
 
@@ -37,8 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Serve one function replica with the OpenFaaS watchdog's semantics.",
     )
     parser.add_argument(
-        "--port", type=int, default=0, help="port on 127.0.0.1; 0 lets the OS pick (default)"
+        "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})"
     )
+    parser.add_argument("--port", type=int, default=0, help="port; 0 lets the OS pick (default)")
     parser.add_argument(
         "--handler",
         type=Path,
@@ -51,16 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(config: RuntimeConfig) -> int:
+async def serve(config: RuntimeConfig, host: str = DEFAULT_HOST) -> int:
     """Bind, load the function, announce the port and serve until stopped; the exit status."""
     app = create_runtime_app(config)
     runtime = app[RUNTIME]
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
-        sock = socket.create_server((HOST, config.port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, config.port), family=family)
     except OSError as error:
-        log.error("Cannot listen on %s:%d: %s", HOST, config.port, error)
+        log.error("Cannot listen on %s:%d: %s", host, config.port, error)
         return 1
     await web.SockSite(runner, sock).start()
     port = sock.getsockname()[1]
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         log.error("%s", error)
         sys.exit(2)
-    code = asyncio.run(serve(config))
+    code = asyncio.run(serve(config, args.host))
     logging.shutdown()
     # A handle() call that overran exec_timeout still holds a pool thread, which a normal
     # interpreter exit would wait for: leave without joining it.

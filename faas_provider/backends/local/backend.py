@@ -9,26 +9,17 @@ where the machine allows (`secret_view`), and else at `$secret_mount_path` only.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faas_provider.backends.base import (
-    Conflict,
-    InvalidRequest,
-    LogQuery,
-    NotFound,
-    Unavailable,
-)
+from faas_provider.backends.base import LogQuery
 from faas_provider.backends.local.forkserver import DEFAULT_PRELOAD, ForkServer
-from faas_provider.backends.local.gpus import GpuPool
-from faas_provider.backends.local.launch import launch_spec, python_environment
+from faas_provider.backends.local.launch import launch_spec, on_gpu, python_environment
 from faas_provider.backends.local.logs import LogStore
 from faas_provider.backends.local.replica import (
     HEALTH_TIMEOUT_S,
@@ -47,26 +38,26 @@ from faas_provider.backends.local.state import (
     StoredFunction,
     StoredNamespace,
 )
+from faas_provider.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from faas_provider.gpu.discovery import GpuDevice, discover_gpus
 from faas_provider.gpu.mps import ServerLoss
+from faas_provider.gpu.placement import Placer
 from faas_provider.gpu.share import GpuShare, gpu_share
 from faas_provider.models import (
-    DEFAULT_NAMESPACE,
-    MAX_REPLICAS,
     FunctionDeployment,
     FunctionStatus,
     FunctionUsage,
     LogMessage,
     Secret,
+    check_namespace_deletion,
     namespace_or_default,
     utcnow,
 )
+from faas_provider.node.agent import NodeAgent
 from faas_provider.upstream import UpstreamPool
 
 log = logging.getLogger("fast_gshare.local")
 
-SCALE_MIN_LABEL = "com.openfaas.scale.min"
-FUNCTION_LABEL = "faas_function"  # on every function's status, as faas-netes labels its pods
 ROLLOUT_TIMEOUT_S = 120.0
 
 
@@ -114,16 +105,18 @@ class LocalBackend:
         state_dir: Path,
         functions_root: Path,
         startup_wait_s: float = 30.0,
-        gpus: GpuPool | None = None,
+        node: NodeAgent | None = None,
         probe_secrets: SecretProbe = probe_secret_view,
         preload: Sequence[str] = DEFAULT_PRELOAD,
     ) -> None:
-        """`probe_secrets` says how replicas may see their secrets at /var/openfaas/secrets
-        on this machine, or why they cannot (then at `$secret_mount_path` only); `preload`
-        names the modules the fork server imports once for every replica (forkserver.py)."""
+        """`node` runs this machine's GPU services, in-process; `probe_secrets` says how
+        replicas may see their secrets at /var/openfaas/secrets on this machine, or why they
+        cannot (then at `$secret_mount_path` only); `preload` names the modules the fork
+        server imports once for every replica (forkserver.py)."""
         state_dir = state_dir.absolute()  # replicas run elsewhere and mount from it
-        self._gpus = gpus or GpuPool(discover_gpus())
-        self._gpus.on_lost = self._recycle_gpu
+        self._node = node or NodeAgent(discover_gpus())
+        self._node.on_lost = self._recycle_gpu
+        self._placer = Placer(self._node.devices)
         self._store = StateStore(state_dir)
         self._state_dir = state_dir
         self._functions_root = functions_root
@@ -141,7 +134,10 @@ class LocalBackend:
     async def start(self) -> None:
         """Claim the state directory and start every stored function at its replica count."""
         self._store.claim()
-        await self._gpus.start()
+        log.info(
+            "local backend: state in %s, handlers under %s", self._state_dir, self._functions_root
+        )
+        await self._node.start()
         self._forks = await self._start_fork_server()
         view = (
             await self._probe_secrets(self._state_dir, self._forks)
@@ -175,7 +171,7 @@ class LocalBackend:
             await self._forks.close()
         self._functions.clear()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self._gpus.close()
+        await self._node.close()
         await self._http.close()
         self._store.release()
 
@@ -199,7 +195,7 @@ class LocalBackend:
                 "update it with PUT /system/functions"
             )
         share = self._validate(deployment)
-        replicas = _min_replicas(deployment)
+        replicas = deployment.min_replicas()
         stored = StoredFunction(deployment=deployment, replicas=replicas, created_at=utcnow())
         function = LocalFunction(stored=stored, share=share)
         self._functions[key] = function
@@ -214,7 +210,7 @@ class LocalBackend:
     async def update(self, deployment: FunctionDeployment) -> None:
         function = self._function(deployment.service, deployment.namespace)
         share = self._validate(deployment)
-        restart = _runtime_spec(deployment) != _runtime_spec(function.deployment)
+        restart = deployment.runtime_digest() != function.deployment.runtime_digest()
         function.stored.deployment = deployment
         function.share = share
         await self._store.save(self._state)
@@ -282,13 +278,7 @@ class LocalBackend:
 
     async def delete_namespace(self, name: str) -> None:
         self._namespace(name)
-        if name == DEFAULT_NAMESPACE:
-            raise Conflict(
-                f"namespace {name} is the default, where calls that name none go; "
-                "it cannot be deleted"
-            )
-        if any(ns == name for ns, _ in self._functions):
-            raise Conflict(f"namespace {name} still has functions; delete them first")
+        check_namespace_deletion(name, any(ns == name for ns, _ in self._functions))
         del self._state.namespaces[name]
         for key in [key for key in self._state.secrets if key[0] == name]:
             del self._state.secrets[key]
@@ -358,33 +348,21 @@ class LocalBackend:
                 f"secret(s) {', '.join(missing)} not found in namespace {namespace}; "
                 "create them first (faas-cli secret create)"
             )
-        _min_replicas(deployment)
+        deployment.min_replicas()
         share = gpu_share(deployment)
         if share is not None:
-            self._gpus.check(share)
+            self._placer.check(share)
         launch_spec(deployment, self._functions_root, Path(), Path())
         return share
 
     def _status(self, function: LocalFunction) -> FunctionStatus:
         deployment = function.deployment
         memory = sum(r.memory_bytes() for r in function.replicas + function.retiring)
-        return FunctionStatus(
-            name=deployment.service,
-            namespace=deployment.namespace,
-            image=deployment.image,
-            envProcess=deployment.env_process,
-            envVars=deployment.env_vars,
-            constraints=deployment.constraints,
-            secrets=deployment.secrets,
-            labels={**deployment.labels, FUNCTION_LABEL: deployment.service},
-            annotations=deployment.annotations,
-            limits=deployment.limits,
-            requests=deployment.requests,
-            readOnlyRootFilesystem=deployment.read_only_root_filesystem,
-            replicas=function.stored.replicas,
-            availableReplicas=len(function.ready()),
-            createdAt=function.stored.created_at,
-            usage=FunctionUsage(totalMemoryBytes=memory) if memory else None,
+        return deployment.status(
+            function.stored.replicas,
+            len(function.ready()),
+            function.stored.created_at,
+            FunctionUsage(totalMemoryBytes=memory) if memory else None,
         )
 
     def _new_replica(self, function: LocalFunction) -> Replica | None:
@@ -396,11 +374,13 @@ class LocalBackend:
             spec = self._secret_view.apply(spec, mount / "secrets")
         instance = f"{deployment.service}-{function.next_index}"
         if function.share is not None:
-            placement = self._gpus.place(_placement_key(deployment, instance), function.share)
-            if isinstance(placement, str):
-                self._report_pending(function, instance, placement)
+            key = _placement_key(deployment, instance)
+            device = self._placer.place(key, function.share)
+            if isinstance(device, str):
+                self._report_pending(function, instance, device)
                 return None
-            spec = replace(spec, env={**spec.env, **placement.env}, gate_argv=placement.gate_argv)
+            log.info("replica %s placed on GPU %d (%s)", key, device.index, device.uuid)
+            spec = on_gpu(spec, device, function.share, self._node, key)
         function.next_index += 1
         replica = Replica(
             instance,
@@ -469,7 +449,7 @@ class LocalBackend:
         """Stop a replica for good, free its GPU room and start what was waiting for it."""
         await replica.stop()
         # by key, not by the function's current share: an update may have dropped the GPU
-        if self._gpus.release(_placement_key(function.deployment, replica.instance)):
+        if self._placer.release(_placement_key(function.deployment, replica.instance)):
             self._place_pending()
 
     async def _recycle_gpu(self, device: GpuDevice, loss: ServerLoss) -> None:
@@ -479,7 +459,8 @@ class LocalBackend:
             replica
             for function in self._functions.values()
             for replica in function.replicas + function.retiring
-            if self._gpus.device_of(_placement_key(function.deployment, replica.instance)) == device
+            if self._placer.device_of(_placement_key(function.deployment, replica.instance))
+            == device
         ]
         log.warning(
             "MPS clients of GPU %d lost their server (%s); recycling %d replica(s)%s",
@@ -584,25 +565,5 @@ class LocalBackend:
             path.write_bytes(value)
 
 
-def _min_replicas(deployment: FunctionDeployment) -> int:
-    text = deployment.labels.get(SCALE_MIN_LABEL, "1")
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_REPLICAS:
-        raise InvalidRequest(
-            f"label {SCALE_MIN_LABEL} must be a whole number from 0 to {MAX_REPLICAS}, not {text!r}"
-        )
-    return value
-
-
 def _placement_key(deployment: FunctionDeployment, instance: str) -> str:
     return f"{deployment.namespace}/{instance}"
-
-
-def _runtime_spec(deployment: FunctionDeployment) -> str:
-    """A digest of what a replica process is started from; a change means new replicas."""
-    wire = deployment.to_wire()
-    wire.pop("labels", None)
-    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()

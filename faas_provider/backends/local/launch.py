@@ -15,12 +15,15 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from faas_provider.backends.base import InvalidRequest
+from faas_provider.errors import InvalidRequest
+from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.gpu.share import GpuShare
 from faas_provider.models import FunctionDeployment
+from faas_provider.node.agent import NodeAgent
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -75,6 +78,26 @@ def launch_spec(
             "deployment has no envProcess (fprocess); add one of them"
         )
     return LaunchSpec(argv=argv, env=env, cwd=handler_dir or work_dir)
+
+
+def on_gpu(
+    spec: LaunchSpec, device: GpuDevice, share: GpuShare, node: NodeAgent, client: str
+) -> LaunchSpec:
+    """`spec` for replica `client` placed on `device`: an MPS client of that GPU's daemon with
+    its SM partition and memory cap (on a real GPU), behind a gate registered with the node's
+    token service (unless it holds the GPU whole: nobody to share time with)."""
+    daemon = node.daemon(device.index)
+    if daemon is not None and not share.exclusive:
+        env = daemon.client_env(share.sm_percent, share.memory_bytes)
+    else:
+        env = {} if device.virtual else {"CUDA_VISIBLE_DEVICES": device.uuid}
+    gate_argv = None
+    if not share.exclusive:
+        gate_argv = [sys.executable, "-m", "faas_provider.gate"]
+        gate_argv += ["--token-socket", str(node.token_socket)]
+        gate_argv += share.registration(device.uuid, client).argv()
+        gate_argv += ["--parent-pid", str(os.getpid())]
+    return replace(spec, env={**spec.env, **env}, gate_argv=gate_argv)
 
 
 def _image_segment(image: str) -> str:

@@ -1,0 +1,802 @@
+"""The Kubernetes backend: functions as Deployments and Services, secrets as Secrets.
+
+Everything is kept on the cluster (manifests.py says where), so a restarted provider rebuilds
+its functions, their desired counts and the GPU placement from the objects it lists. Informers
+keep a copy of the function namespaces (labelled openfaas=1), the functions' Services and
+Deployments, their EndpointSlices and the Nodes (whose GPUs the node agents publish), and
+every write's answer goes into that copy at once, so a status read after a deploy sees it.
+
+Kubernetes runs the pods (restarts, probes, rolling updates); this backend decides only what
+Kubernetes cannot: which GPU each replica of a GPU-shared function runs on, with which share.
+Placement is computed, under one lock, from the copy: the GPUs the Nodes publish and the
+replicas the Deployments hold there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+
+import aiohttp
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from faas_provider.backends.base import LogQuery
+from faas_provider.backends.kubernetes.informer import Informer, Key
+from faas_provider.backends.kubernetes.manifests import (
+    GPU_LABEL,
+    MANAGED_BY,
+    RECORD_ANNOTATION,
+    REPLICAS_ANNOTATION,
+    GpuSlot,
+    function_deployment,
+    function_service,
+)
+from faas_provider.backends.kubernetes.node_api import node_gpus
+from faas_provider.backends.kubernetes.settings import KubernetesSettings
+from faas_provider.errors import Conflict, InvalidRequest, NotFound, ProviderError, Unavailable
+from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.gpu.placement import Placer
+from faas_provider.gpu.share import GpuShare, gpu_share
+from faas_provider.models import (
+    FUNCTION_LABEL,
+    FunctionDeployment,
+    FunctionStatus,
+    LogMessage,
+    Secret,
+    check_namespace_deletion,
+    namespace_or_default,
+)
+from faas_provider.node.agent import RunDir
+
+log = logging.getLogger("fast_gshare.kubernetes")
+
+NAMESPACE_LABEL = "openfaas"  # function namespaces are labelled openfaas=1
+SECRET_LABELS = {"app.kubernetes.io/managed-by": "openfaas"}  # as faas-netes labels secrets
+SYNC_TIMEOUT_S = 10.0
+ROLLOUT_TIMEOUT_S = 120.0
+T = TypeVar("T")
+
+
+class ApiProblem(ProviderError):
+    """The API server refused a call for a reason that is not the caller's (403, 5xx)."""
+
+    status = 502
+
+
+class KubernetesBackend:
+    """Runs functions on a Kubernetes cluster; implements `faas_provider.backends.base.Backend`."""
+
+    orchestration = "kubernetes"
+
+    def __init__(self, settings: KubernetesSettings, startup_wait_s: float = 30.0) -> None:
+        self._settings = settings
+        self._paths = RunDir(PurePosixPath(settings.node_run_dir))
+        self._startup_wait_s = startup_wait_s
+        self._api: client.ApiClient | None = None
+        self._informers: list[Informer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock = asyncio.Lock()  # one placement decision at a time
+
+    async def start(self) -> None:
+        """Connect, start the informers and wait (a while) for their first lists."""
+        configuration = client.Configuration()
+        if self._settings.kubeconfig is not None:
+            await config.load_kube_config(
+                config_file=str(self._settings.kubeconfig), client_configuration=configuration
+            )
+        else:
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+            except config.ConfigException:
+                await config.load_kube_config(client_configuration=configuration)
+        self._api = client.ApiClient(configuration)
+        core, apps = client.CoreV1Api(self._api), client.AppsV1Api(self._api)
+        self._core, self._apps = core, apps
+        discovery = client.DiscoveryV1Api(self._api)
+        managed = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+        self._namespaces = Informer(
+            "namespaces", core.list_namespace, label_selector=f"{NAMESPACE_LABEL}=1"
+        )
+        self._services = Informer(
+            "services", core.list_service_for_all_namespaces, label_selector=managed
+        )
+        self._deployments = Informer(
+            "deployments", apps.list_deployment_for_all_namespaces, label_selector=FUNCTION_LABEL
+        )
+        self._slices = Informer(
+            "endpointslices",
+            discovery.list_endpoint_slice_for_all_namespaces,
+            label_selector="kubernetes.io/service-name",
+        )
+        self._nodes = Informer("nodes", core.list_node)
+        self._informers = [
+            self._namespaces,
+            self._services,
+            self._deployments,
+            self._slices,
+            self._nodes,
+        ]
+        self._nodes.on_change = lambda event, node: self._on_nodes_changed()
+        self._tasks = [asyncio.create_task(i.run()) for i in self._informers]
+        try:
+            async with asyncio.timeout(SYNC_TIMEOUT_S):
+                await asyncio.gather(*(i.synced.wait() for i in self._informers))
+        except TimeoutError:
+            log.warning(
+                "the Kubernetes API server at %s has not answered in %.0f s; serving 503 until "
+                "it does",
+                configuration.host,
+                SYNC_TIMEOUT_S,
+            )
+            return
+        gpus = len(self._devices())
+        log.info(
+            "kubernetes backend on %s: %d function(s), %d shared GPU(s) on the nodes",
+            configuration.host,
+            len(self._services.items),
+            gpus,
+        )
+
+    async def close(self) -> None:
+        """Stop the informers; the cluster keeps everything."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._api is not None:
+            await self._api.close()
+
+    # functions
+
+    async def list_functions(self, namespace: str) -> list[FunctionStatus]:
+        self._check_reachable()
+        return [
+            self._status(service)
+            for (ns, _), service in sorted(self._services.items.items())
+            if ns == namespace
+        ]
+
+    async def get_function(self, name: str, namespace: str) -> FunctionStatus:
+        return self._status(self._service(name, namespace))
+
+    async def deploy(self, deployment: FunctionDeployment) -> None:
+        async with self._lock:
+            name, namespace = deployment.service, deployment.namespace
+            if (namespace, name) in self._services.items:
+                raise Conflict(
+                    f"function {name} exists in namespace {namespace}; "
+                    "update it with PUT /system/functions"
+                )
+            share = await self._validate(deployment)
+            replicas = deployment.min_replicas()
+            created: list[tuple[str, str]] = []
+            try:
+                service = await self._write(
+                    f"Service {namespace}/{name}",
+                    self._core.create_namespaced_service(
+                        namespace, function_service(deployment, replicas)
+                    ),
+                )
+                created.append(("Service", name))
+                self._services.apply("ADDED", service)
+                for obj in self._plan(deployment, share, replicas, self._placer()).values():
+                    made = await self._write(
+                        f"Deployment {namespace}/{obj['metadata']['name']}",
+                        self._apps.create_namespaced_deployment(namespace, obj),
+                    )
+                    created.append(("Deployment", obj["metadata"]["name"]))
+                    self._deployments.apply("ADDED", made)
+            except ProviderError:
+                await self._remove(namespace, created)
+                raise
+            log.info("deployed %s.%s (%d replica(s))", name, namespace, replicas)
+
+    async def update(self, deployment: FunctionDeployment) -> None:
+        async with self._lock:
+            name, namespace = deployment.service, deployment.namespace
+            service = self._service(name, namespace)
+            share = await self._validate(deployment)
+            replicas = int(service["metadata"]["annotations"].get(REPLICAS_ANNOTATION, "0"))
+            old = record_of(service)
+            if gpu_share(old) == share:  # the replicas keep their GPUs; Kubernetes rolls them
+                placer = self._placer(leaving={(namespace, name)})
+                wanted = self._plan(deployment, share, replicas, placer, self._held(old))
+            else:  # placed anew beside the old replicas, which serve until the new are ready
+                wanted = self._plan(deployment, share, replicas, self._placer())
+            await self._replace_service(service, function_service(deployment, replicas))
+            await self._apply_deployments(deployment, wanted, retire_when_ready=True)
+            log.info("updated %s.%s", name, namespace)
+
+    async def delete(self, name: str, namespace: str) -> None:
+        async with self._lock:
+            self._service(name, namespace)
+            owned = [("Deployment", d) for d in self._deployments_of(name, namespace)]
+            await self._remove(namespace, [*owned, ("Service", name)])
+            log.info("deleted %s.%s", name, namespace)
+            await self._place_pending()
+
+    async def scale(self, name: str, namespace: str, replicas: int) -> None:
+        async with self._lock:
+            service = self._service(name, namespace)
+            annotations = service["metadata"]["annotations"]
+            before = int(annotations.get(REPLICAS_ANNOTATION, "0"))
+            if before == replicas:
+                return
+            log.info("scaling %s.%s from %d to %d", name, namespace, before, replicas)
+            deployment = record_of(service)
+            updated = function_service(deployment, replicas)
+            await self._replace_service(service, updated)
+            share = gpu_share(deployment)
+            placer = self._placer(leaving={(namespace, name)})
+            held = self._held(deployment)
+            if replicas < before and held:  # keep the fullest GPUs, free the emptiest
+                kept: Counter[GpuSlot] = Counter()
+                for slot, count in sorted(held.items(), key=lambda item: -item[1]):
+                    kept[slot] = max(0, min(count, replicas - sum(kept.values())))
+                held = +kept
+            wanted = self._plan(deployment, share, replicas, placer, held)
+            await self._apply_deployments(deployment, wanted)
+            if replicas < before:
+                await self._place_pending()
+
+    async def endpoints(self, name: str, namespace: str) -> list[str]:
+        service = self._service(name, namespace)
+        where = f"{name}.{namespace}"
+        try:
+            async with asyncio.timeout(self._startup_wait_s):
+                while not (ready := self._ready_endpoints(name, namespace)):
+                    if self._desired(service) == 0:
+                        raise Unavailable(
+                            f"function {where} is scaled to zero: scale it up, or call it "
+                            "through the gateway with scale_from_zero=true"
+                        )
+                    await self._slices.wait_changed(1.0)
+                    service = self._service(name, namespace)
+        except TimeoutError:
+            pending = self._desired(service) - self._placed(name, namespace)
+            if pending > 0:
+                raise Unavailable(
+                    f"no replica of function {where} is ready: {pending} pending, "
+                    f"{self._why_pending(record_of(service))}"
+                ) from None
+            raise Unavailable(f"no replica of function {where} is ready") from None
+        return ready
+
+    # namespaces
+
+    async def list_namespaces(self) -> list[str]:
+        self._check_reachable()
+        return sorted(name for (_, name), ns in self._namespaces.items.items() if _active(ns))
+
+    async def get_namespace(self, name: str) -> dict[str, object]:
+        meta = self._namespace(name)["metadata"]
+        return {
+            "name": name,
+            "labels": meta.get("labels", {}),
+            "annotations": meta.get("annotations", {}),
+        }
+
+    async def create_namespace(
+        self, name: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> None:
+        self._check_reachable()
+        body = {
+            "metadata": {
+                "name": name,
+                "labels": {**labels, NAMESPACE_LABEL: "1"},
+                "annotations": annotations,
+            }
+        }
+        made = await self._write(f"Namespace {name}", self._core.create_namespace(body))
+        self._namespaces.apply("ADDED", made)
+
+    async def update_namespace(
+        self, name: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> None:
+        held = self._namespace(name)
+        body = {
+            "metadata": {
+                **held["metadata"],
+                "labels": {**labels, NAMESPACE_LABEL: "1"},
+                "annotations": annotations,
+            }
+        }
+        made = await self._write(f"Namespace {name}", self._core.replace_namespace(name, body))
+        self._namespaces.apply("MODIFIED", made)
+
+    async def delete_namespace(self, name: str) -> None:
+        self._namespace(name)
+        check_namespace_deletion(name, any(ns == name for ns, _ in self._services.items))
+        await self._call(f"Namespace {name}", self._core.delete_namespace(name))
+        self._namespaces.items.pop(("", name), None)  # its watch events say Terminating
+
+    # secrets
+
+    async def list_secrets(self, namespace: str) -> list[Secret]:
+        self._namespace(namespace)
+        selector = ",".join(f"{k}={v}" for k, v in SECRET_LABELS.items())
+        listed = await self._call(
+            f"Secrets of {namespace}",
+            self._core.list_namespaced_secret(namespace, label_selector=selector),
+        )
+        return [Secret(name=s.metadata.name, namespace=namespace) for s in listed.items]
+
+    async def create_secret(self, secret: Secret) -> None:
+        namespace = namespace_or_default(secret.namespace)
+        self._namespace(namespace)
+        await self._call(
+            f"Secret {namespace}/{secret.name}",
+            self._core.create_namespaced_secret(namespace, _secret_body(secret, namespace)),
+        )
+
+    async def update_secret(self, secret: Secret) -> None:
+        namespace = namespace_or_default(secret.namespace)
+        self._namespace(namespace)
+        await self._call(
+            f"Secret {namespace}/{secret.name}",
+            self._core.replace_namespaced_secret(
+                secret.name, namespace, _secret_body(secret, namespace)
+            ),
+        )
+
+    async def delete_secret(self, name: str, namespace: str) -> None:
+        self._namespace(namespace)
+        await self._call(
+            f"Secret {namespace}/{name}", self._core.delete_namespaced_secret(name, namespace)
+        )
+
+    # logs
+
+    async def logs(self, query: LogQuery) -> AsyncIterator[LogMessage]:
+        """The function's pods' logs (kubectl logs, with timestamps), after a line for each
+        reason Kubernetes gives why replicas do not run: a Deployment that cannot make its
+        pods (quota), a container that waits (an image that cannot be pulled)."""
+        self._service(query.name, query.namespace)
+        for name in self._deployments_of(query.name, query.namespace):
+            held = self._deployments.items[(query.namespace, name)]
+            for condition in held.get("status", {}).get("conditions") or []:
+                failing = (
+                    condition.get("type") == "ReplicaFailure" and condition.get("status") == "True"
+                )
+                stuck = (
+                    condition.get("type") == "Progressing" and condition.get("status") == "False"
+                )
+                if failing or stuck:
+                    stamp = condition.get("lastUpdateTime")
+                    when = _parse_time(stamp) if stamp else _utcnow()
+                    text = f"{condition.get('reason')}: {condition.get('message', '')}"
+                    yield self._message(query, name, when, text)
+        pods = await self._call(
+            f"Pods of {query.name}.{query.namespace}",
+            self._core.list_namespaced_pod(
+                query.namespace, label_selector=f"{FUNCTION_LABEL}={query.name}"
+            ),
+        )
+        lines: asyncio.Queue[LogMessage | None] = asyncio.Queue()
+        readers = [asyncio.create_task(self._read_pod_log(pod, query, lines)) for pod in pods.items]
+        try:
+            for _ in readers:
+                while (message := await lines.get()) is not None:
+                    yield message
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _read_pod_log(
+        self, pod: Any, query: LogQuery, lines: asyncio.Queue[LogMessage | None]
+    ) -> None:
+        """Queue one pod's log lines (and a line for a container that waits), then None."""
+        name = pod.metadata.name
+        try:
+            for status in pod.status.container_statuses or []:
+                waiting = status.state.waiting if status.state else None
+                if waiting is not None and waiting.reason not in (None, "ContainerCreating"):
+                    text = f"{status.name} waiting: {waiting.reason}: {waiting.message or ''}"
+                    await lines.put(self._message(query, name, _utcnow(), text.strip()))
+            since = None
+            if query.since is not None:
+                since = max(1, int((_utcnow() - query.since).total_seconds()))
+            kwargs: dict[str, Any] = {"timestamps": True, "follow": query.follow}
+            if query.tail is not None:
+                kwargs["tail_lines"] = query.tail
+            if since is not None:
+                kwargs["since_seconds"] = since
+            response = await self._core.read_namespaced_pod_log(
+                name,
+                query.namespace,
+                container=query.name,
+                _preload_content=False,
+                **kwargs,
+            )
+            try:
+                async for raw in response.content:
+                    stamp, _, text = raw.decode(errors="replace").rstrip("\n").partition(" ")
+                    await lines.put(self._message(query, name, _parse_time(stamp), text))
+            finally:
+                response.release()
+        except (ApiException, aiohttp.ClientError) as error:
+            log.info("no log of pod %s/%s: %s", query.namespace, name, _reason(error))
+        finally:
+            await lines.put(None)
+
+    @staticmethod
+    def _message(query: LogQuery, instance: str, when: datetime, text: str) -> LogMessage:
+        return LogMessage(
+            name=query.name, namespace=query.namespace, instance=instance, timestamp=when, text=text
+        )
+
+    # internals: the copy
+
+    def _check_reachable(self) -> None:
+        unreachable = [i.kind for i in self._informers if not i.synced.is_set() or not i.reachable]
+        if unreachable:
+            raise Unavailable(
+                "the Kubernetes API server does not answer (no current "
+                f"{', '.join(unreachable)}); try again when it is back"
+            )
+
+    def _service(self, name: str, namespace: str) -> dict[str, Any]:
+        self._check_reachable()
+        service = self._services.items.get((namespace, name))
+        if service is None:
+            raise NotFound(f"function {name} not found in namespace {namespace}")
+        return service
+
+    def _namespace(self, name: str) -> dict[str, Any]:
+        self._check_reachable()
+        namespace = self._namespaces.items.get(("", name))
+        if namespace is None or not _active(namespace):
+            raise NotFound(f"namespace {name} not found (or not labelled {NAMESPACE_LABEL}=1)")
+        return namespace
+
+    def _deployments_of(self, name: str, namespace: str) -> list[str]:
+        return sorted(
+            key[1]
+            for key, obj in self._deployments.items.items()
+            if key[0] == namespace and obj["metadata"]["labels"].get(FUNCTION_LABEL) == name
+        )
+
+    def _desired(self, service: dict[str, Any]) -> int:
+        return int(service["metadata"].get("annotations", {}).get(REPLICAS_ANNOTATION, "0"))
+
+    def _placed(self, name: str, namespace: str) -> int:
+        return sum(
+            self._deployments.items[(namespace, d)]["spec"].get("replicas", 0)
+            for d in self._deployments_of(name, namespace)
+        )
+
+    def _status(self, service: dict[str, Any]) -> FunctionStatus:
+        deployment = record_of(service)
+        name, namespace = deployment.service, deployment.namespace
+        available = sum(
+            self._deployments.items[(namespace, d)].get("status", {}).get("availableReplicas", 0)
+            for d in self._deployments_of(name, namespace)
+        )
+        created = _parse_time(service["metadata"]["creationTimestamp"])
+        return deployment.status(self._desired(service), available, created)
+
+    def _ready_endpoints(self, name: str, namespace: str) -> list[str]:
+        urls = []
+        for (ns, _), piece in self._slices.items.items():
+            labels = piece["metadata"].get("labels", {})
+            if ns != namespace or labels.get("kubernetes.io/service-name") != name:
+                continue
+            port = next((p["port"] for p in piece.get("ports") or [] if p.get("name") == "http"), 0)
+            for endpoint in piece.get("endpoints") or []:
+                if port and endpoint.get("conditions", {}).get("ready", True):
+                    address = endpoint["addresses"][0]
+                    host = f"[{address}]" if ":" in address else address
+                    urls.append(f"http://{host}:{port}")
+        return sorted(urls)
+
+    # internals: placement
+
+    def _devices(self) -> list[GpuDevice]:
+        """The shared GPUs the Nodes publish, node by node."""
+        return [gpu for _, node in sorted(self._nodes.items.items()) for gpu in node_gpus(node)]
+
+    def _placer(self, leaving: set[Key] = frozenset()) -> Placer:
+        """Placement as the cluster holds it now, less the functions in `leaving`."""
+        devices = self._devices()
+        placer = Placer(devices, where="the cluster's shared GPUs")
+        by_slot = {GpuSlot(d.node or "", d.uuid): d for d in devices}
+        for (namespace, name), service in self._services.items.items():
+            if (namespace, name) in leaving:
+                continue
+            deployment = record_of(service)
+            share = gpu_share(deployment)
+            if share is None or share.exclusive:
+                continue
+            for slot, count in self._held(deployment).items():
+                if slot in by_slot:
+                    for index in range(count):
+                        placer.hold(f"{namespace}/{name}/{slot.uuid}/{index}", share, by_slot[slot])
+        return placer
+
+    def _held(self, deployment: FunctionDeployment) -> Counter[GpuSlot]:
+        """How many replicas of `deployment` each GPU holds now."""
+        held: Counter[GpuSlot] = Counter()
+        for name in self._deployments_of(deployment.service, deployment.namespace):
+            obj = self._deployments.items[(deployment.namespace, name)]
+            uuid = obj["spec"]["selector"]["matchLabels"].get(GPU_LABEL)
+            node = obj["metadata"].get("annotations", {}).get("fastgshare/node")
+            if uuid and node:
+                held[GpuSlot(node, uuid)] += obj["spec"].get("replicas", 0)
+        return held
+
+    def _plan(
+        self,
+        deployment: FunctionDeployment,
+        share: GpuShare | None,
+        replicas: int,
+        placer: Placer,
+        held: Counter[GpuSlot] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """The Deployments that run `replicas` replicas: one for a plain or whole-GPU function;
+        for a GPU-shared one, those on the GPUs in `held` (kept there) and on GPUs with room
+        for the rest, as far as there is room."""
+        image = self._settings.gate_image
+        if share is None or share.exclusive:
+            obj = function_deployment(deployment, replicas, share, None, image, self._paths)
+            return {obj["metadata"]["name"]: obj}
+        devices = {GpuSlot(d.node or "", d.uuid): d for d in placer.devices}
+        counts: Counter[GpuSlot] = Counter()
+        key = f"{deployment.namespace}/{deployment.service}"
+        for slot, count in (held or Counter()).items():
+            if slot not in devices:
+                continue  # its node no longer publishes the GPU: placed again below
+            for _ in range(min(count, replicas - sum(counts.values()))):
+                placer.hold(f"{key}/{slot.uuid}/{counts[slot]}", share, devices[slot])
+                counts[slot] += 1
+        while sum(counts.values()) < replicas:
+            device = placer.place(f"{key}/new/{sum(counts.values())}", share)
+            if isinstance(device, str):
+                break
+            counts[GpuSlot(device.node or "", device.uuid)] += 1
+        wanted = {}
+        for slot, count in counts.items():
+            obj = function_deployment(deployment, count, share, slot, image, self._paths)
+            wanted[obj["metadata"]["name"]] = obj
+        return wanted
+
+    def _why_pending(self, deployment: FunctionDeployment) -> str:
+        share = gpu_share(deployment)
+        if share is None or share.exclusive:
+            return "Kubernetes has not started them (see the function's logs)"
+        placer = self._placer(leaving={(deployment.namespace, deployment.service)})
+        for slot, count in self._held(deployment).items():
+            for index in range(count):
+                device = next(d for d in placer.devices if d.uuid == slot.uuid)
+                placer.hold(f"held/{slot.uuid}/{index}", share, device)
+        reason = placer.place("probe", share)
+        return reason if isinstance(reason, str) else "waiting for placement"
+
+    async def _place_pending(self) -> None:
+        """Give GPU room to replicas of GPU-shared functions that wait for it."""
+        for service in list(self._services.items.values()):
+            deployment = record_of(service)
+            share = gpu_share(deployment)
+            if share is None or share.exclusive:
+                continue
+            name, namespace = deployment.service, deployment.namespace
+            desired = self._desired(service)
+            if self._placed(name, namespace) >= desired:
+                continue
+            placer = self._placer(leaving={(namespace, name)})
+            wanted = self._plan(deployment, share, desired, placer, self._held(deployment))
+            if sum(obj["spec"]["replicas"] for obj in wanted.values()) > self._placed(
+                name, namespace
+            ):
+                log.info("placing pending replicas of %s.%s", name, namespace)
+                await self._apply_deployments(deployment, wanted)
+
+    def _on_nodes_changed(self) -> None:
+        if self._lock.locked() or not all(i.synced.is_set() for i in self._informers):
+            return
+        task = asyncio.get_running_loop().create_task(self._place_pending_locked())
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _place_pending_locked(self) -> None:
+        async with self._lock:
+            with contextlib.suppress(ProviderError):
+                await self._place_pending()
+
+    # internals: writes
+
+    async def _validate(self, deployment: FunctionDeployment) -> GpuShare | None:
+        """Refuse, before anything changes, a deployment that could not run; its GPU share."""
+        namespace = deployment.namespace
+        held = self._namespaces.items.get(("", namespace))
+        if held is None or not _active(held):
+            self._check_reachable()
+            raise InvalidRequest(
+                f"namespace {namespace} does not exist or is not labelled "
+                f"{NAMESPACE_LABEL}=1; create it with POST /system/namespace/{namespace}"
+            )
+        deployment.min_replicas()
+        share = gpu_share(deployment)
+        if share is not None and not share.exclusive:
+            Placer(self._devices(), where="the cluster's shared GPUs").check(share)
+        missing = []
+        for secret in deployment.secrets:
+            try:
+                await self._call(
+                    f"Secret {namespace}/{secret}",
+                    self._core.read_namespaced_secret(secret, namespace),
+                )
+            except NotFound:
+                missing.append(secret)
+        if missing:
+            raise InvalidRequest(
+                f"secret(s) {', '.join(missing)} not found in namespace {namespace}; "
+                "create them first (faas-cli secret create)"
+            )
+        return share
+
+    async def _replace_service(self, held: dict[str, Any], wanted: dict[str, Any]) -> None:
+        meta = held["metadata"]
+        wanted["metadata"]["resourceVersion"] = meta["resourceVersion"]
+        wanted["spec"]["clusterIP"] = held["spec"].get("clusterIP")
+        made = await self._write(
+            f"Service {meta['namespace']}/{meta['name']}",
+            self._core.replace_namespaced_service(meta["name"], meta["namespace"], wanted),
+        )
+        self._services.apply("MODIFIED", made)
+
+    async def _apply_deployments(
+        self,
+        deployment: FunctionDeployment,
+        wanted: dict[str, dict[str, Any]],
+        retire_when_ready: bool = False,
+    ) -> None:
+        """Make the function's Deployments those of `wanted`: create, replace, delete; with
+        `retire_when_ready` (a new GPU share, on new GPUs) those no longer wanted serve on
+        until the wanted ones are ready."""
+        namespace = deployment.namespace
+        existing = set(self._deployments_of(deployment.service, namespace))
+        for name, obj in wanted.items():
+            what = f"Deployment {namespace}/{name}"
+            if name in existing:
+                held = self._deployments.items[(namespace, name)]
+                obj["metadata"]["resourceVersion"] = held["metadata"]["resourceVersion"]
+                made = await self._write(
+                    what, self._apps.replace_namespaced_deployment(name, namespace, obj)
+                )
+                self._deployments.apply("MODIFIED", made)
+            else:
+                made = await self._write(
+                    what, self._apps.create_namespaced_deployment(namespace, obj)
+                )
+                self._deployments.apply("ADDED", made)
+        stale = sorted(existing - set(wanted))
+        if retire_when_ready and stale:
+            task = asyncio.create_task(self._retire(deployment, set(wanted), stale))
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
+            return
+        await self._remove(namespace, [("Deployment", name) for name in stale])
+
+    async def _retire(
+        self, deployment: FunctionDeployment, wanted: set[str], stale: list[str]
+    ) -> None:
+        """Delete the `stale` Deployments once the `wanted` ones are ready (or after
+        ROLLOUT_TIMEOUT_S), unless the function has changed again meanwhile."""
+        namespace, name = deployment.namespace, deployment.service
+
+        def ready() -> bool:
+            for held in wanted:
+                obj = self._deployments.items.get((namespace, held))
+                if obj is None:
+                    return True  # replaced meanwhile: the next change decides
+                if obj.get("status", {}).get("availableReplicas", 0) < obj["spec"]["replicas"]:
+                    return False
+            return True
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ROLLOUT_TIMEOUT_S):
+                while not ready():
+                    await self._deployments.wait_changed(1.0)
+        async with self._lock:
+            if (namespace, name) not in self._services.items:
+                return
+            current = record_of(self._services.items[(namespace, name)])
+            if current != deployment:
+                return
+            log.info("%s.%s: new replicas ready; removing %s", name, namespace, ", ".join(stale))
+            with contextlib.suppress(ProviderError):
+                await self._remove(namespace, [("Deployment", d) for d in stale])
+            await self._place_pending()
+
+    async def _remove(self, namespace: str, objects: list[tuple[str, str]]) -> None:
+        """Delete `objects` (kind, name), last made first; those already gone are fine."""
+        for kind, name in reversed(objects):
+            call = (
+                self._apps.delete_namespaced_deployment(name, namespace)
+                if kind == "Deployment"
+                else self._core.delete_namespaced_service(name, namespace)
+            )
+            with contextlib.suppress(NotFound):
+                await self._call(f"{kind} {namespace}/{name}", call)
+            informer = self._deployments if kind == "Deployment" else self._services
+            informer.items.pop((namespace, name), None)
+
+    async def _write(self, what: str, call: Awaitable[Any]) -> dict[str, Any]:
+        """`_call` for a write, whose answer (the object as stored) comes back as a dict."""
+        assert self._api is not None
+        stored: dict[str, Any] = self._api.sanitize_for_serialization(await self._call(what, call))
+        return stored
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        """Await an API call; its refusal as the ProviderError that says what and why."""
+        try:
+            return await call
+        except ApiException as error:
+            reason = _reason(error)
+            if error.status == 404:
+                raise NotFound(f"{what} not found: {reason}") from None
+            if error.status == 409:
+                raise Conflict(
+                    f"{what} exists already or was changed meanwhile: {reason}"
+                ) from None
+            if error.status in (400, 422):
+                raise InvalidRequest(f"the Kubernetes API refused {what}: {reason}") from None
+            if error.status == 403:
+                raise ApiProblem(
+                    f"the provider may not write {what}: {reason}; give its ServiceAccount the "
+                    "rules of k8s/rbac.yaml"
+                ) from None
+            raise ApiProblem(
+                f"the Kubernetes API failed on {what}: {error.status} {reason}"
+            ) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            reason = str(error) or type(error).__name__
+            raise Unavailable(
+                f"the Kubernetes API server does not answer ({what}): {reason}"
+            ) from None
+
+
+def record_of(service: dict[str, Any]) -> FunctionDeployment:
+    """The deployment a function's Service keeps."""
+    return FunctionDeployment.model_validate_json(
+        service["metadata"]["annotations"][RECORD_ANNOTATION]
+    )
+
+
+def _active(namespace: dict[str, Any]) -> bool:
+    """Whether a namespace is not being deleted."""
+    return namespace.get("status", {}).get("phase") != "Terminating"
+
+
+def _secret_body(secret: Secret, namespace: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": secret.name, "namespace": namespace, "labels": SECRET_LABELS},
+        "type": "Opaque",
+        "data": {secret.name: base64.b64encode(secret.payload()).decode()},
+    }
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ApiException):
+        try:
+            return str(json.loads(error.body)["message"])
+        except (TypeError, ValueError, KeyError):
+            return str(error.reason)
+    return str(error) or type(error).__name__
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,165 @@
+"""A local copy of one kind of Kubernetes object, kept by list and watch.
+
+As client-go's informers: list, then watch from the list's resourceVersion; a watch that ends
+or drops is resumed from the last resourceVersion seen, so no event is lost, and one the API
+server can no longer resume (410 Gone) starts over with a fresh list, which replaces the copy
+whole. While the API server cannot be reached it retries with backoff and says so once in the
+log, and once more when it is back. Objects are plain dicts, as the API sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio.client.exceptions import ApiException
+
+log = logging.getLogger("fast_gshare.kubernetes")
+
+Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
+ListCall = Callable[..., Awaitable[Any]]  # a kubernetes_asyncio list_* method
+WATCH_TIMEOUT_S = 240  # the API server ends each watch after this; it is then resumed
+MAX_BACKOFF_S = 5.0
+
+
+def key_of(obj: dict[str, Any]) -> Key:
+    """The (namespace, name) of an object."""
+    meta = obj["metadata"]
+    return meta.get("namespace", ""), meta["name"]
+
+
+def _newer(incoming: dict[str, Any], held: dict[str, Any] | None) -> bool:
+    """Whether `incoming` is not older than `held`: resourceVersions are etcd revisions, which
+    grow; one that is not a number is taken as newer."""
+    if held is None:
+        return True
+    try:
+        return int(incoming["metadata"]["resourceVersion"]) >= int(
+            held["metadata"]["resourceVersion"]
+        )
+    except (KeyError, ValueError):
+        return True
+
+
+class Informer:
+    """The objects one list call returns, kept current by its watch."""
+
+    def __init__(self, kind: str, list_call: ListCall, **selectors: str) -> None:
+        """`list_call` is a kubernetes_asyncio `list_*` method; `selectors` its label_selector
+        or field_selector."""
+        self.kind = kind
+        self.items: dict[Key, dict[str, Any]] = {}
+        self.synced = asyncio.Event()
+        self.reachable = True
+        self.on_change: Callable[[str, dict[str, Any]], None] | None = None
+        self._list_call = list_call
+        self._selectors = selectors
+        self._changed = asyncio.Event()
+        self._resource_version: str | None = None
+
+    async def run(self) -> None:
+        """Keep the copy current until cancelled."""
+        backoff = 0.25
+        while True:
+            try:
+                if self._resource_version is None:
+                    await self._list()
+                await self._watch()
+                backoff = 0.25
+            except ApiException as error:
+                if error.status == 410:  # too old to resume: list again
+                    log.info("watch of %s expired; listing again", self.kind)
+                    self._resource_version = None
+                    continue
+                self._lost(f"API error {error.status} {error.reason}")
+            except (aiohttp.ClientError, TimeoutError, OSError) as error:
+                self._lost(str(error) or type(error).__name__)
+            else:
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
+
+    def apply(self, event: str, obj: dict[str, Any]) -> None:
+        """Take in one object (from the watch, or the answer to our own write)."""
+        key = key_of(obj)
+        if event == "DELETED":
+            if key in self.items and _newer(obj, self.items[key]):
+                del self.items[key]
+        elif _newer(obj, self.items.get(key)):
+            self.items[key] = obj
+        else:
+            return
+        if self.on_change is not None:
+            self.on_change(event, obj)
+        self._notify()
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        """Return when something changed, or after `timeout_s`."""
+        changed = self._changed
+        try:
+            async with asyncio.timeout(timeout_s):
+                await changed.wait()
+        except TimeoutError:
+            pass
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _lost(self, reason: str) -> None:
+        if self.reachable:
+            log.warning("the Kubernetes API server does not answer (%s): %s", self.kind, reason)
+        self.reachable = False
+        self._notify()
+
+    def _found(self) -> None:
+        if not self.reachable:
+            log.info("the Kubernetes API server answers again (%s)", self.kind)
+        self.reachable = True
+
+    async def _list(self) -> None:
+        response = await self._list_call(**self._selectors, _preload_content=False)
+        document = json.loads(await response.read())
+        self._found()
+        fresh = {key_of(obj): obj for obj in document.get("items", [])}
+        for key, obj in list(self.items.items()):
+            if key not in fresh:
+                del self.items[key]
+                if self.on_change is not None:
+                    self.on_change("DELETED", obj)
+        for obj in fresh.values():
+            obj.setdefault("metadata", {})
+            self.items[key_of(obj)] = obj
+            if self.on_change is not None:
+                self.on_change("ADDED", obj)
+        self._resource_version = document["metadata"]["resourceVersion"]
+        self.synced.set()
+        self._notify()
+
+    async def _watch(self) -> None:
+        response = await self._list_call(
+            **self._selectors,
+            watch=True,
+            allow_watch_bookmarks=True,
+            resource_version=self._resource_version,
+            timeout_seconds=WATCH_TIMEOUT_S,
+            _preload_content=False,
+        )
+        self._found()
+        try:
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, obj = event["type"], event["object"]
+                if kind == "ERROR":
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                self._resource_version = obj["metadata"]["resourceVersion"]
+                if kind != "BOOKMARK":
+                    self.apply(kind, obj)
+        finally:
+            response.release()

@@ -1,0 +1,353 @@
+"""The Kubernetes backend on a real API server (tests/kube.py): the objects it leaves there,
+a deploy that fails halfway leaving nothing, a restart that finds everything again, placement
+across GPUs, a lost API server, and the RBAC of k8s/ allowing what the backend does."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from faas_provider.api.app import create_app
+from faas_provider.backends.factory import create_backend
+from faas_provider.backends.kubernetes.informer import Informer
+from faas_provider.settings import Settings
+from tests import kube
+from tests.conftest import ECHO, faas_cli_deploy, wait_available
+
+NS = kube.FUNCTION_NAMESPACE
+SHARED = {"fastgshare/gpu_sm_partition": "40", "fastgshare/gpu_mem": "2Gi"}
+
+
+@contextlib.asynccontextmanager
+async def provider_on(
+    aiohttp_client: Any, settings: Settings, kubeconfig: Path
+) -> AsyncIterator[TestClient]:
+    """A provider server on the cluster of `kubeconfig`, closed (backend and all) on exit."""
+    cluster = kube.on_cluster(settings, kubeconfig)
+    provider = await aiohttp_client(create_app(create_backend(cluster), cluster))
+    try:
+        yield provider
+    finally:
+        await provider.close()
+
+
+async def test_the_api_server_holds_the_function_as_faas_netes_would_make_it(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider:
+        secret = {"name": "token", "rawValue": base64.b64encode(b"\x00raw").decode()}
+        assert (await provider.post("/system/secrets", json=secret)).status == 201
+        body = {
+            **ECHO,
+            "secrets": ["token"],
+            "labels": {"team": "vision"},
+            "annotations": {"topic": "jobs", **SHARED},
+            "limits": {"memory": "512Mi"},
+            "readOnlyRootFilesystem": True,
+        }
+        assert await faas_cli_deploy(provider, body) == 202
+    core, apps = client.CoreV1Api(kube_admin), client.AppsV1Api(kube_admin)
+    stored = await core.read_namespaced_secret("token", NS)
+    assert stored.metadata.labels == {"app.kubernetes.io/managed-by": "openfaas"}
+    assert base64.b64decode(stored.data["token"]) == b"\x00raw"
+    service = await core.read_namespaced_service("echo", NS)
+    assert service.spec.selector == {"faas_function": "echo"}
+    assert service.spec.ports[0].target_port == "http"
+    (deployment,) = (await apps.list_namespaced_deployment(NS)).items
+    assert deployment.metadata.name.startswith("echo-")
+    assert deployment.spec.selector.match_labels == {
+        "faas_function": "echo",
+        "fastgshare/gpu": kube.GPU_UUID,
+    }
+    pod = deployment.spec.template
+    assert pod.metadata.labels["team"] == "vision"
+    assert pod.metadata.annotations["prometheus.io.scrape"] == "false"
+    (container,) = pod.spec.containers
+    env = {e.name: e.value for e in container.env}
+    assert env["fprocess"] == "cat" and env["NVIDIA_VISIBLE_DEVICES"] == kube.GPU_UUID
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "40"
+    assert container.resources.limits == {"memory": "512Mi"}
+    assert container.security_context.read_only_root_filesystem is True
+    (gate,) = pod.spec.init_containers
+    assert gate.restart_policy == "Always" and "--token-socket" in gate.args
+    volumes = {v.name: v for v in pod.spec.volumes}
+    assert volumes["secrets"].projected.sources[0].secret.name == "token"
+    assert volumes["fast-gshare-mps"].host_path.path == "/run/fast-gshare/mps/5ee0e11d/pipe"
+    affinity = pod.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
+    assert affinity.node_selector_terms[0].match_fields[0].values == [kube.GPU_NODE]
+
+
+async def test_a_deploy_the_api_refuses_halfway_leaves_nothing_behind(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider:
+        # the Service is made first; the API server then refuses the Deployment's limit
+        response = await provider.post(
+            "/system/functions", json={**ECHO, "limits": {"memory": "lots"}}
+        )
+        text = await response.text()
+        assert response.status == 400, text
+        assert f"Deployment {NS}/echo" in text and "quantities must match" in text
+        assert await (await provider.get("/system/functions")).json() == []
+    core, apps = client.CoreV1Api(kube_admin), client.AppsV1Api(kube_admin)
+    assert (await core.list_namespaced_service(NS)).items == []
+    assert (await apps.list_namespaced_deployment(NS)).items == []
+
+
+async def test_a_restarted_provider_finds_functions_counts_and_placement_again(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    async with kube.kubelet(kube_admin):
+        async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider:
+            body = {**ECHO, "annotations": SHARED, "labels": {"com.openfaas.scale.min": "2"}}
+            assert await faas_cli_deploy(provider, body) == 202
+            await wait_available(provider, "echo", 2)
+            assert (
+                await provider.post("/system/secrets", json={"name": "k", "value": "v"})
+            ).status == 201
+        async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as again:
+            status = await wait_available(again, "echo", 2)
+            assert status["replicas"] == 2 and status["annotations"]["fastgshare/gpu_mem"] == "2Gi"
+            assert await (await again.get("/system/secrets")).json() == [
+                {"name": "k", "namespace": NS}
+            ]
+            # 2 x 40 of 100 SM-time are held: a third replica of 40 must wait
+            third = {**ECHO, "service": "third", "annotations": SHARED}
+            assert await faas_cli_deploy(again, third) == 202
+            await asyncio.sleep(0.3)
+            status = await (await again.get("/system/function/third")).json()
+            assert status["availableReplicas"] == 0
+            refused = await again.post("/function/third", data=b"")
+            assert refused.status == 503
+            assert "has 20 of 100 SM-time left" in await refused.text()
+
+
+async def test_replicas_spread_to_a_second_gpu_node_when_the_first_is_full(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    core, apps = client.CoreV1Api(kube_admin), client.AppsV1Api(kube_admin)
+    gpus = [{"index": 0, "uuid": "GPU-bbbbbbbb-2", "memory_bytes": kube.GPU_MEMORY}]
+    await core.create_node(
+        {"metadata": {"name": "gpu-node-2", "annotations": {"fastgshare/gpus": json.dumps(gpus)}}}
+    )
+    try:
+        async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider:
+            body = {**ECHO, "annotations": SHARED, "labels": {"com.openfaas.scale.min": "3"}}
+            assert await faas_cli_deploy(provider, body) == 202
+            held = {
+                d.spec.selector.match_labels["fastgshare/gpu"]: d.spec.replicas
+                for d in (await apps.list_namespaced_deployment(NS)).items
+            }
+            assert sorted(held.values()) == [1, 2], "packed: 2 of 40 on one GPU, then another"
+            scaled = await provider.post("/system/scale-function/echo", json={"replicas": 2})
+            assert scaled.status == 202
+            held = {
+                d.spec.selector.match_labels["fastgshare/gpu"]: d.spec.replicas
+                for d in (await apps.list_namespaced_deployment(NS)).items
+            }
+            assert list(held.values()) == [2], "scaling down empties the emptier GPU"
+    finally:
+        await core.delete_node("gpu-node-2")
+
+
+async def test_an_unreachable_api_server_is_503_and_the_provider_serves_when_it_returns(
+    aiohttp_client: Any, settings: Settings, tmp_path: Path, api_server: kube.ApiServer
+) -> None:
+    # a kubeconfig whose server is a port nothing listens on, then the real one
+    document = yaml.safe_load(api_server.kubeconfig.read_text())
+    real = document["clusters"][0]["cluster"]["server"]
+    document["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:9"
+    broken = tmp_path / "kubeconfig"
+    broken.write_text(yaml.safe_dump(document))
+    cluster = kube.on_cluster(settings, broken)
+    backend = create_backend(cluster)
+    provider = await aiohttp_client(create_app(backend, cluster))
+    try:
+        response = await provider.get("/system/functions")
+        assert response.status == 503
+        assert "Kubernetes API server does not answer" in await response.text()
+        deploy = await provider.post("/system/functions", json=ECHO)
+        assert deploy.status == 503
+        assert (await provider.get("/healthz")).status == 200, "the provider itself is up"
+    finally:
+        await provider.close()
+    assert real.startswith("https://127.0.0.1:")
+
+
+async def test_an_informer_resumes_its_watch_without_losing_events(
+    api_server: kube.ApiServer, kube_admin: client.ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from faas_provider.backends.kubernetes import informer as informer_module
+
+    monkeypatch.setattr(informer_module, "WATCH_TIMEOUT_S", 1)  # the server ends each watch
+    core = client.CoreV1Api(kube_admin)
+    secrets = Informer("secrets", core.list_namespaced_secret, namespace=NS)
+    task = asyncio.create_task(secrets.run())
+    try:
+        await asyncio.wait_for(secrets.synced.wait(), 5)
+        for index in range(6):  # across several ends of the watch
+            body = {"metadata": {"name": f"s{index}"}, "stringData": {"v": str(index)}}
+            await core.create_namespaced_secret(NS, body)
+            await asyncio.sleep(0.4)
+        await core.delete_namespaced_secret("s0", NS)
+        for _ in range(50):
+            names = sorted(name for _, name in secrets.items)
+            if names == [f"s{i}" for i in range(1, 6)]:
+                break
+            await asyncio.sleep(0.1)
+        assert names == [f"s{i}" for i in range(1, 6)]
+        assert secrets.reachable
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_an_informer_lists_again_when_its_watch_is_too_old(
+    api_server: kube.ApiServer, kube_admin: client.ApiClient
+) -> None:
+    core = client.CoreV1Api(kube_admin)
+    gone_once: list[bool] = []
+
+    async def list_secrets(*args: Any, **kwargs: Any) -> Any:
+        """The real call, but the first watch is answered as a compacted history is: 410."""
+        if kwargs.get("watch") and not gone_once:
+            gone_once.append(True)
+            await core.delete_namespaced_secret("early", NS)  # an event the watch would miss
+            raise ApiException(status=410, reason="Expired: too old resource version")
+        return await core.list_namespaced_secret(*args, **kwargs)
+
+    await core.create_namespaced_secret(NS, {"metadata": {"name": "early"}})
+    secrets = Informer("secrets", list_secrets, namespace=NS)
+    task = asyncio.create_task(secrets.run())
+    try:
+        await asyncio.wait_for(secrets.synced.wait(), 5)
+        await core.create_namespaced_secret(NS, {"metadata": {"name": "late"}})
+        for _ in range(50):
+            if sorted(name for _, name in secrets.items) == ["late"]:
+                break
+            await asyncio.sleep(0.1)
+        assert gone_once, "the watch was refused once"
+        assert sorted(name for _, name in secrets.items) == ["late"], "listed again, whole"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_new_gpu_share_keeps_the_old_replicas_until_the_new_are_ready(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    apps = client.AppsV1Api(kube_admin)
+    gpus = [{"index": 0, "uuid": "GPU-cccccccc-3", "memory_bytes": kube.GPU_MEMORY}]
+    core = client.CoreV1Api(kube_admin)
+    await core.create_node(
+        {"metadata": {"name": "gpu-node-3", "annotations": {"fastgshare/gpus": json.dumps(gpus)}}}
+    )
+    try:
+        async with (
+            kube.kubelet(kube_admin) as kubelet,
+            provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider,
+        ):
+            big = {**ECHO, "annotations": {"fastgshare/gpu_sm_partition": "70"}}
+            assert await faas_cli_deploy(provider, big) == 202
+            await wait_available(provider, "echo")
+            (old,) = [d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items]
+            # 70 + 70 do not fit one GPU: the new share goes to the other one
+            assert (
+                await faas_cli_deploy(
+                    provider, {**ECHO, "annotations": {"fastgshare/gpu_sm_partition": "71"}}
+                )
+                == 202
+            )
+            names = {d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items}
+            (new,) = names - {old}
+            kubelet.hold(new)  # its pods are not ready yet
+            await asyncio.sleep(1.0)
+            names = {d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items}
+            assert names == {old, new}, "the old replica serves until the new one is ready"
+            assert await (await provider.post("/function/echo", data=b"still")).text() == "still"
+            kubelet.release(new)
+            for _ in range(50):
+                names = {d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items}
+                if names == {new}:
+                    break
+                await asyncio.sleep(0.1)
+            assert names == {new}
+    finally:
+        await core.delete_node("gpu-node-3")
+
+
+async def test_why_replicas_do_not_run_is_in_the_functions_logs(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    core, apps = client.CoreV1Api(kube_admin), client.AppsV1Api(kube_admin)
+    async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider:
+        assert await faas_cli_deploy(provider, {**ECHO, "image": "acme/absent:1"}) == 202
+        # what a kubelet and the ReplicaSet controller would report
+        await core.create_namespaced_pod(
+            NS,
+            {
+                "metadata": {"name": "echo-abc", "labels": {"faas_function": "echo"}},
+                "spec": {"containers": [{"name": "echo", "image": "acme/absent:1"}]},
+            },
+        )
+        waiting = {"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}}
+        status = {"name": "echo", "image": "acme/absent:1", "imageID": "", "ready": False}
+        await core.patch_namespaced_pod_status(
+            "echo-abc",
+            NS,
+            {"status": {"containerStatuses": [{**status, "restartCount": 0, "state": waiting}]}},
+        )
+        now = "2026-12-02T00:00:00Z"
+        failure = {
+            "type": "ReplicaFailure",
+            "status": "True",
+            "reason": "FailedCreate",
+            "message": 'pods "echo-x" is forbidden: exceeded quota: gpu-team',
+            "lastUpdateTime": now,
+            "lastTransitionTime": now,
+        }
+        await apps.patch_namespaced_deployment_status(
+            "echo", NS, {"status": {"conditions": [failure]}}
+        )
+        for _ in range(50):
+            logs = await (await provider.get("/system/logs?name=echo")).text()
+            if "exceeded quota" in logs:
+                break
+            await asyncio.sleep(0.1)
+        lines = [json.loads(line) for line in logs.splitlines()]
+        texts = {line["instance"]: line["text"] for line in lines}
+        assert "ImagePullBackOff: pull access denied" in texts["echo-abc"]
+        assert texts["echo"].startswith("FailedCreate: ") and "exceeded quota" in texts["echo"]
+        status_now = await (await provider.get("/system/function/echo")).json()
+        assert status_now["availableReplicas"] == 0
