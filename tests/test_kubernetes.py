@@ -173,28 +173,105 @@ async def test_replicas_spread_to_a_second_gpu_node_when_the_first_is_full(
         await core.delete_node("gpu-node-2")
 
 
+class Switch:
+    """A TCP forwarder to the API server that can be cut (connections refused, open ones
+    dropped) and joined again: an API server that goes away and comes back."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.open = False
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def cut(self) -> None:
+        self.open = False
+        for writer in list(self._links):
+            writer.close()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._links |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._links -= {writer, up_writer}
+
+
 async def test_an_unreachable_api_server_is_503_and_the_provider_serves_when_it_returns(
-    aiohttp_client: Any, settings: Settings, tmp_path: Path, api_server: kube.ApiServer
-) -> None:
-    # a kubeconfig whose server is a port nothing listens on, then the real one
+    aiohttp_client: Any, settings: Settings, tmp_path: Path, api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:  # fmt: skip
     document = yaml.safe_load(api_server.kubeconfig.read_text())
-    real = document["clusters"][0]["cluster"]["server"]
-    document["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:9"
-    broken = tmp_path / "kubeconfig"
-    broken.write_text(yaml.safe_dump(document))
-    cluster = kube.on_cluster(settings, broken)
-    backend = create_backend(cluster)
-    provider = await aiohttp_client(create_app(backend, cluster))
+    host, port = document["clusters"][0]["cluster"]["server"].removeprefix("https://").split(":")
+    switch = Switch((host, int(port)))
+    document["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{await switch.start()}"
+    through = tmp_path / "kubeconfig"
+    through.write_text(yaml.safe_dump(document))
     try:
-        response = await provider.get("/system/functions")
-        assert response.status == 503
-        assert "Kubernetes API server does not answer" in await response.text()
-        deploy = await provider.post("/system/functions", json=ECHO)
-        assert deploy.status == 503
-        assert (await provider.get("/healthz")).status == 200, "the provider itself is up"
+        async with provider_on(aiohttp_client, settings, through) as provider:
+            response = await provider.get("/system/functions")
+            assert response.status == 503
+            assert "Kubernetes API server does not answer" in await response.text()
+            assert (await provider.post("/system/functions", json=ECHO)).status == 503
+            assert (await provider.get("/healthz")).status == 200, "the provider itself is up"
+            switch.open = True  # the API server is back
+            for _ in range(100):
+                if (await provider.get("/system/functions")).status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert await faas_cli_deploy(provider, ECHO) == 202
+            switch.cut()  # and away again, watches and all
+            await asyncio.sleep(0.5)
+            gone = await provider.get("/system/function/echo")
+            assert gone.status == 503, await gone.text()
+            switch.open = True
+            for _ in range(100):
+                answer = await provider.get("/system/function/echo")
+                if answer.status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert answer.status == 200, "served again from a fresh copy"
     finally:
-        await provider.close()
-    assert real.startswith("https://127.0.0.1:")
+        await switch.close()
+
+
+async def test_a_provider_the_api_server_refuses_says_which_rules_it_lacks(
+    aiohttp_client: Any, settings: Settings, tmp_path: Path, api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:  # fmt: skip
+    core = client.CoreV1Api(kube_admin)
+    with contextlib.suppress(ApiException):
+        await core.create_namespace({"metadata": {"name": "openfaas"}})
+    with contextlib.suppress(ApiException):
+        await core.create_namespaced_service_account("openfaas", {"metadata": {"name": "nobody"}})
+    token = await core.create_namespaced_service_account_token("nobody", "openfaas", {"spec": {}})
+    document = yaml.safe_load(api_server.kubeconfig.read_text())
+    document["users"][0]["user"] = {"token": token.status.token}
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(document))
+    async with provider_on(aiohttp_client, settings, kubeconfig) as provider:
+        response = await provider.get("/system/functions")
+        text = await response.text()
+        assert response.status == 503, text
+        assert "refuses to list" in text and "403" in text and "k8s/rbac.yaml" in text
 
 
 async def test_an_informer_resumes_its_watch_without_losing_events(
@@ -219,7 +296,7 @@ async def test_an_informer_resumes_its_watch_without_losing_events(
                 break
             await asyncio.sleep(0.1)
         assert names == [f"s{i}" for i in range(1, 6)]
-        assert secrets.reachable
+        assert secrets.problem is None
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -30,7 +30,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from faas_provider.backends.base import LogQuery
-from faas_provider.backends.kubernetes.informer import Informer, Key
+from faas_provider.backends.kubernetes.informer import Informer, Key, checked
 from faas_provider.backends.kubernetes.manifests import (
     GPU_LABEL,
     MANAGED_BY,
@@ -127,15 +127,13 @@ class KubernetesBackend:
         ]
         self._nodes.on_change = lambda event, node: self._on_nodes_changed()
         self._tasks = [asyncio.create_task(i.run()) for i in self._informers]
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SYNC_TIMEOUT_S):
-                await asyncio.gather(*(i.synced.wait() for i in self._informers))
-        except TimeoutError:
+                await asyncio.gather(*(i.tried.wait() for i in self._informers))
+        if not all(i.synced.is_set() for i in self._informers):
             log.warning(
-                "the Kubernetes API server at %s has not answered in %.0f s; serving 503 until "
-                "it does",
+                "the provider cannot read the cluster at %s yet; it answers 503 until it can",
                 configuration.host,
-                SYNC_TIMEOUT_S,
             )
             return
         gpus = len(self._devices())
@@ -410,12 +408,10 @@ class KubernetesBackend:
                 kwargs["tail_lines"] = query.tail
             if since is not None:
                 kwargs["since_seconds"] = since
-            response = await self._core.read_namespaced_pod_log(
-                name,
-                query.namespace,
-                container=query.name,
-                _preload_content=False,
-                **kwargs,
+            response = await checked(
+                await self._core.read_namespaced_pod_log(
+                    name, query.namespace, container=query.name, _preload_content=False, **kwargs
+                )
             )
             try:
                 async for raw in response.content:
@@ -437,12 +433,12 @@ class KubernetesBackend:
     # internals: the copy
 
     def _check_reachable(self) -> None:
-        unreachable = [i.kind for i in self._informers if not i.synced.is_set() or not i.reachable]
-        if unreachable:
-            raise Unavailable(
-                "the Kubernetes API server does not answer (no current "
-                f"{', '.join(unreachable)}); try again when it is back"
-            )
+        """Unavailable (503) while the copy of the cluster is not current, saying why."""
+        problems = sorted({i.problem for i in self._informers if i.problem is not None})
+        if problems:
+            raise Unavailable(f"{'; '.join(problems)}; try again when it is back")
+        if not all(i.synced.is_set() for i in self._informers):
+            raise Unavailable("the provider has not yet read the cluster; try again shortly")
 
     def _service(self, name: str, namespace: str) -> dict[str, Any]:
         self._check_reachable()

@@ -3,8 +3,8 @@
 As client-go's informers: list, then watch from the list's resourceVersion; a watch that ends
 or drops is resumed from the last resourceVersion seen, so no event is lost, and one the API
 server can no longer resume (410 Gone) starts over with a fresh list, which replaces the copy
-whole. While the API server cannot be reached it retries with backoff and says so once in the
-log, and once more when it is back. Objects are plain dicts, as the API sends them.
+whole. While the API server cannot be reached, or refuses, it retries with backoff and says why once
+in the log, and once more when it is back. Objects are plain dicts, as the API sends them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,20 @@ def key_of(obj: dict[str, Any]) -> Key:
     return meta.get("namespace", ""), meta["name"]
 
 
+async def checked(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
+    """`response` of a call made with `_preload_content=False` (which raises nothing), or the
+    ApiException its error status and body say."""
+    if 200 <= response.status <= 299:
+        return response
+    body = await response.read()
+    response.release()
+    try:
+        reason = str(json.loads(body)["message"])
+    except (ValueError, KeyError, TypeError):
+        reason = body.decode(errors="replace")[:200] or response.reason or ""
+    raise ApiException(status=response.status, reason=reason)
+
+
 def _newer(incoming: dict[str, Any], held: dict[str, Any] | None) -> bool:
     """Whether `incoming` is not older than `held`: resourceVersions are etcd revisions, which
     grow; one that is not a number is taken as newer."""
@@ -53,8 +67,9 @@ class Informer:
         or field_selector."""
         self.kind = kind
         self.items: dict[Key, dict[str, Any]] = {}
-        self.synced = asyncio.Event()
-        self.reachable = True
+        self.synced = asyncio.Event()  # listed once
+        self.tried = asyncio.Event()  # listed once, or failed to
+        self.problem: str | None = None  # why the copy is not current, while it is not
         self.on_change: Callable[[str, dict[str, Any]], None] | None = None
         self._list_call = list_call
         self._selectors = selectors
@@ -75,9 +90,22 @@ class Informer:
                     log.info("watch of %s expired; listing again", self.kind)
                     self._resource_version = None
                     continue
-                self._lost(f"API error {error.status} {error.reason}")
+                if error.status in (401, 403):
+                    self._lost(
+                        f"the API server refuses to list {self.kind} ({error.status} "
+                        f"{error.reason}): give the provider's ServiceAccount the rules of "
+                        "k8s/rbac.yaml"
+                    )
+                else:
+                    self._lost(
+                        f"the API server failed to list {self.kind}: {error.status} {error.reason}"
+                    )
             except (aiohttp.ClientError, TimeoutError, OSError) as error:
-                self._lost(str(error) or type(error).__name__)
+                reason = str(error) or type(error).__name__
+                self._lost(f"the Kubernetes API server does not answer: {reason}")
+            except (ValueError, KeyError, TypeError) as error:  # an answer that is not a list
+                self._resource_version = None
+                self._lost(f"the API server's answer for {self.kind} is unreadable: {error!r}")
             else:
                 continue
             await asyncio.sleep(backoff)
@@ -110,19 +138,20 @@ class Informer:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _lost(self, reason: str) -> None:
-        if self.reachable:
-            log.warning("the Kubernetes API server does not answer (%s): %s", self.kind, reason)
-        self.reachable = False
+    def _lost(self, problem: str) -> None:
+        if problem != self.problem:
+            log.warning("%s (watching %s)", problem, self.kind)
+        self.problem = problem
+        self.tried.set()
         self._notify()
 
     def _found(self) -> None:
-        if not self.reachable:
-            log.info("the Kubernetes API server answers again (%s)", self.kind)
-        self.reachable = True
+        if self.problem is not None:
+            log.info("the Kubernetes API server answers again (watching %s)", self.kind)
+        self.problem = None
 
     async def _list(self) -> None:
-        response = await self._list_call(**self._selectors, _preload_content=False)
+        response = await checked(await self._list_call(**self._selectors, _preload_content=False))
         document = json.loads(await response.read())
         self._found()
         fresh = {key_of(obj): obj for obj in document.get("items", [])}
@@ -138,16 +167,19 @@ class Informer:
                 self.on_change("ADDED", obj)
         self._resource_version = document["metadata"]["resourceVersion"]
         self.synced.set()
+        self.tried.set()
         self._notify()
 
     async def _watch(self) -> None:
-        response = await self._list_call(
-            **self._selectors,
-            watch=True,
-            allow_watch_bookmarks=True,
-            resource_version=self._resource_version,
-            timeout_seconds=WATCH_TIMEOUT_S,
-            _preload_content=False,
+        response = await checked(
+            await self._list_call(
+                **self._selectors,
+                watch=True,
+                allow_watch_bookmarks=True,
+                resource_version=self._resource_version,
+                timeout_seconds=WATCH_TIMEOUT_S,
+                _preload_content=False,
+            )
         )
         self._found()
         try:
