@@ -356,6 +356,8 @@ async def test_a_new_gpu_share_keeps_the_old_replicas_until_the_new_are_ready(
             assert await faas_cli_deploy(provider, big) == 202
             await wait_available(provider, "echo")
             (old,) = [d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items]
+            new = ({"echo-5ee0e11d", "echo-cccccccc"} - {old}).pop()
+            kubelet.hold(new)  # the new share's pods will not be ready until released
             # 70 + 70 do not fit one GPU: the new share goes to the other one
             assert (
                 await faas_cli_deploy(
@@ -363,9 +365,6 @@ async def test_a_new_gpu_share_keeps_the_old_replicas_until_the_new_are_ready(
                 )
                 == 202
             )
-            names = {d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items}
-            (new,) = names - {old}
-            kubelet.hold(new)  # its pods are not ready yet
             await asyncio.sleep(1.0)
             names = {d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items}
             assert names == {old, new}, "the old replica serves until the new one is ready"

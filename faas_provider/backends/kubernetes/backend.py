@@ -640,8 +640,10 @@ class KubernetesBackend:
         return share
 
     async def _replace_service(self, held: dict[str, Any], wanted: dict[str, Any]) -> None:
+        """Replace a function's Service. Unconditionally, as every replace here is: the
+        provider alone writes these objects' specs, one change at a time, while controllers
+        write their status all the while."""
         meta = held["metadata"]
-        wanted["metadata"]["resourceVersion"] = meta["resourceVersion"]
         wanted["spec"]["clusterIP"] = held["spec"].get("clusterIP")
         made = await self._write(
             f"Service {meta['namespace']}/{meta['name']}",
@@ -663,8 +665,6 @@ class KubernetesBackend:
         for name, obj in wanted.items():
             what = f"Deployment {namespace}/{name}"
             if name in existing:
-                held = self._deployments.items[(namespace, name)]
-                obj["metadata"]["resourceVersion"] = held["metadata"]["resourceVersion"]
                 made = await self._write(
                     what, self._apps.replace_namespaced_deployment(name, namespace, obj)
                 )
