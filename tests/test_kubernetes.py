@@ -427,3 +427,34 @@ async def test_why_replicas_do_not_run_is_in_the_functions_logs(
         assert texts["echo"].startswith("FailedCreate: ") and "exceeded quota" in texts["echo"]
         status_now = await (await provider.get("/system/function/echo")).json()
         assert status_now["availableReplicas"] == 0
+
+
+async def test_a_gpu_node_that_joins_takes_the_replicas_that_waited_for_room(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    core = client.CoreV1Api(kube_admin)
+    shared = {**ECHO, "annotations": {"fastgshare/gpu_sm_partition": "60"}}
+    async with (
+        kube.kubelet(kube_admin),
+        provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider,
+    ):
+        assert await faas_cli_deploy(provider, {**shared, "service": "first"}) == 202
+        assert await faas_cli_deploy(provider, {**shared, "service": "second"}) == 202
+        await wait_available(provider, "first")
+        await asyncio.sleep(0.3)
+        status = await (await provider.get("/system/function/second")).json()
+        assert status["availableReplicas"] == 0, "60 + 60 of 100: the second waits"
+        gpus = [{"index": 0, "uuid": "GPU-dddddddd-4", "memory_bytes": kube.GPU_MEMORY}]
+        await core.create_node(
+            {
+                "metadata": {
+                    "name": "gpu-node-4",
+                    "annotations": {"fastgshare/gpus": json.dumps(gpus)},
+                }
+            }
+        )
+        status = await wait_available(provider, "second")
+        assert status["replicas"] == 1

@@ -85,6 +85,8 @@ class KubernetesBackend:
         self._informers: list[Informer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()  # one placement decision at a time
+        self._gpus_seen: dict[str, list[GpuDevice]] = {}  # by node
+        self._gpus_changed = asyncio.Event()
 
     async def start(self) -> None:
         """Connect, start the informers and wait (a while) for their first lists."""
@@ -125,8 +127,9 @@ class KubernetesBackend:
             self._slices,
             self._nodes,
         ]
-        self._nodes.on_change = lambda event, node: self._on_nodes_changed()
+        self._nodes.on_change = self._on_node_event
         self._tasks = [asyncio.create_task(i.run()) for i in self._informers]
+        self._tasks.append(asyncio.create_task(self._place_when_gpus_change()))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SYNC_TIMEOUT_S):
                 await asyncio.gather(*(i.tried.wait() for i in self._informers))
@@ -235,7 +238,7 @@ class KubernetesBackend:
             share = gpu_share(deployment)
             placer = self._placer(leaving={(namespace, name)})
             held = self._held(deployment)
-            if replicas < before and held:  # keep the fullest GPUs, free the emptiest
+            if replicas < before and held:  # keep the GPUs with most of its replicas
                 kept: Counter[GpuSlot] = Counter()
                 for slot, count in sorted(held.items(), key=lambda item: -item[1]):
                     kept[slot] = max(0, min(count, replicas - sum(kept.values())))
@@ -595,17 +598,26 @@ class KubernetesBackend:
                 log.info("placing pending replicas of %s.%s", name, namespace)
                 await self._apply_deployments(deployment, wanted)
 
-    def _on_nodes_changed(self) -> None:
-        if self._lock.locked() or not all(i.synced.is_set() for i in self._informers):
-            return
-        task = asyncio.get_running_loop().create_task(self._place_pending_locked())
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+    def _on_node_event(self, event: str, node: dict[str, Any]) -> None:
+        """Note a change in the GPUs a Node publishes (not its other changes)."""
+        name = node["metadata"]["name"]
+        gpus = [] if event == "DELETED" else node_gpus(node)
+        if self._gpus_seen.get(name, []) != gpus:
+            self._gpus_seen[name] = gpus
+            self._gpus_changed.set()
 
-    async def _place_pending_locked(self) -> None:
-        async with self._lock:
-            with contextlib.suppress(ProviderError):
-                await self._place_pending()
+    async def _place_when_gpus_change(self) -> None:
+        """Give pending replicas the room of GPUs that appear, once the cluster is read and
+        whenever the published GPUs change."""
+        while True:
+            await self._gpus_changed.wait()
+            await asyncio.gather(*(i.synced.wait() for i in self._informers))
+            self._gpus_changed.clear()
+            async with self._lock:
+                try:
+                    await self._place_pending()
+                except ProviderError as error:
+                    log.warning("pending replicas not placed: %s", error)
 
     # internals: writes
 
