@@ -458,3 +458,34 @@ async def test_a_gpu_node_that_joins_takes_the_replicas_that_waited_for_room(
         )
         status = await wait_available(provider, "second")
         assert status["replicas"] == 1
+
+
+async def test_a_deployment_the_provider_did_not_make_is_left_alone(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    apps = client.AppsV1Api(kube_admin)
+    labels = {"faas_function": "echo"}
+    foreign = {
+        "metadata": {"name": "echo-by-hand", "labels": labels},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {**labels, "by": "hand"}},
+            "template": {
+                "metadata": {"labels": {**labels, "by": "hand"}},
+                "spec": {"containers": [{"name": "x", "image": "acme/x:1"}]},
+            },
+        },
+    }
+    await apps.create_namespaced_deployment(NS, foreign)
+    async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider:
+        assert await faas_cli_deploy(provider, ECHO) == 202
+        status = await (await provider.get("/system/function/echo")).json()
+        assert status["replicas"] == 1
+        assert (
+            await provider.delete("/system/functions", json={"functionName": "echo"})
+        ).status == 202
+    names = [d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items]
+    assert names == ["echo-by-hand"]

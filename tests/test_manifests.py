@@ -70,7 +70,10 @@ def test_a_plain_function_is_a_deployment_as_faas_netes_makes_it() -> None:
     deployment = valid(function_deployment(spec, 2, None, None, "gate:1"))
     assert deployment["metadata"]["name"] == "resnet50"
     assert deployment["metadata"]["namespace"] == "openfaas-fn"
-    assert deployment["metadata"]["labels"] == {"faas_function": "resnet50"}
+    assert deployment["metadata"]["labels"] == {
+        "faas_function": "resnet50",
+        "app.kubernetes.io/managed-by": "fast-gshare",
+    }, "what the provider manages is marked: a Deployment of someone else's is left alone"
     assert deployment["spec"]["selector"]["matchLabels"] == {"faas_function": "resnet50"}
     assert deployment["spec"]["replicas"] == 2
     rolling = deployment["spec"]["strategy"]["rollingUpdate"]

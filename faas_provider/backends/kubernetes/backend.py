@@ -34,6 +34,7 @@ from faas_provider.backends.kubernetes.informer import Informer, Key, checked
 from faas_provider.backends.kubernetes.manifests import (
     GPU_LABEL,
     MANAGED_BY,
+    NODE_ANNOTATION,
     RECORD_ANNOTATION,
     REPLICAS_ANNOTATION,
     GpuSlot,
@@ -112,7 +113,7 @@ class KubernetesBackend:
             "services", core.list_service_for_all_namespaces, label_selector=managed
         )
         self._deployments = Informer(
-            "deployments", apps.list_deployment_for_all_namespaces, label_selector=FUNCTION_LABEL
+            "deployments", apps.list_deployment_for_all_namespaces, label_selector=managed
         )
         self._slices = Informer(
             "endpointslices",
@@ -527,7 +528,7 @@ class KubernetesBackend:
         for name in self._deployments_of(deployment.service, deployment.namespace):
             obj = self._deployments.items[(deployment.namespace, name)]
             uuid = obj["spec"]["selector"]["matchLabels"].get(GPU_LABEL)
-            node = obj["metadata"].get("annotations", {}).get("fastgshare/node")
+            node = obj["metadata"].get("annotations", {}).get(NODE_ANNOTATION)
             if uuid and node:
                 held[GpuSlot(node, uuid)] += obj["spec"].get("replicas", 0)
         return held
@@ -571,12 +572,7 @@ class KubernetesBackend:
         share = gpu_share(deployment)
         if share is None or share.exclusive:
             return "Kubernetes has not started them (see the function's logs)"
-        placer = self._placer(leaving={(deployment.namespace, deployment.service)})
-        for slot, count in self._held(deployment).items():
-            for index in range(count):
-                device = next(d for d in placer.devices if d.uuid == slot.uuid)
-                placer.hold(f"held/{slot.uuid}/{index}", share, device)
-        reason = placer.place("probe", share)
+        reason = self._placer().place("probe", share)
         return reason if isinstance(reason, str) else "waiting for placement"
 
     async def _place_pending(self) -> None:

@@ -170,7 +170,7 @@ def function_deployment(
         namespace=deployment.namespace,
         function=name,
         replicas=replicas,
-        deployment_labels=dict(selector),
+        deployment_labels={**selector, **MANAGED_BY},
         deployment_annotations=deployment_annotations,
         selector=selector,
         pod_labels={**deployment.labels, **selector},
