@@ -14,9 +14,11 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,85 @@ async def kubelet(api: client.ApiClient) -> AsyncIterator[Kubelet]:
         yield stand_in
     finally:
         await stand_in.close()
+
+
+class KubeletLogs:
+    """The log endpoint of a kubelet (`/containerLogs/NS/POD/CONTAINER`), as the API server
+    reaches it for `pods/log`: over HTTPS at the node's address and kubelet port, with
+    `timestamps`, `tailLines`, `sinceSeconds` and `follow`. `say(pod, text)` logs a line."""
+
+    def __init__(self, server: ApiServer) -> None:
+        self.address = machine_address()
+        self._tls = (
+            server.directory / "pki" / "apiserver.crt",
+            server.directory / "pki" / "apiserver.key",
+        )
+        self._lines: dict[str, list[tuple[datetime, str]]] = {}
+        self._followers: dict[str, list[asyncio.Queue[tuple[datetime, str]]]] = {}
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self.asked: list[dict[str, str]] = []  # the queries the API server passed on
+
+    def say(self, pod: str, text: str, when: datetime | None = None) -> None:
+        line = (when or datetime.now(UTC), text)
+        self._lines.setdefault(pod, []).append(line)
+        for queue in self._followers.get(pod, []):
+            queue.put_nowait(line)
+
+    async def start(self) -> None:
+        async def logs(request: web.Request) -> web.StreamResponse:
+            pod = request.match_info["pod"]
+            query = dict(request.query)
+            self.asked.append(query)
+            lines = list(self._lines.get(pod, []))
+            if "sinceSeconds" in query:
+                cutoff = datetime.now(UTC) - timedelta(seconds=int(query["sinceSeconds"]))
+                lines = [line for line in lines if line[0] >= cutoff]
+            if "tailLines" in query:
+                lines = lines[-int(query["tailLines"]) :] if int(query["tailLines"]) else []
+            response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await response.prepare(request)
+
+            def render(line: tuple[datetime, str]) -> bytes:
+                stamp = line[0].strftime("%Y-%m-%dT%H:%M:%S.%fZ") + " "
+                return (
+                    (stamp if query.get("timestamps") == "true" else "") + line[1] + "\n"
+                ).encode()
+
+            for line in lines:
+                await response.write(render(line))
+            if query.get("follow") == "true":
+                queue: asyncio.Queue[tuple[datetime, str]] = asyncio.Queue()
+                self._followers.setdefault(pod, []).append(queue)
+                try:
+                    while True:
+                        await response.write(render(await queue.get()))
+                finally:
+                    self._followers[pod].remove(queue)
+            return response
+
+        app = web.Application()
+        app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", logs)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)  # followers never end
+        await self._runner.setup()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*self._tls)
+        site = web.TCPSite(self._runner, self.address, 0, ssl_context=context)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def node(self, api: client.ApiClient, name: str) -> None:
+        """Make Node `name` whose kubelet this is."""
+        core = client.CoreV1Api(api)
+        await core.create_node({"metadata": {"name": name}})
+        status = {
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": self.address}],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": self.port}},
+            }
+        }
+        await core.patch_node_status(name, status)

@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -489,3 +490,63 @@ async def test_a_deployment_the_provider_did_not_make_is_left_alone(
         ).status == 202
     names = [d.metadata.name for d in (await apps.list_namespaced_deployment(NS)).items]
     assert names == ["echo-by-hand"]
+
+
+async def test_logs_come_from_the_pods_with_tail_since_and_follow(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    core = client.CoreV1Api(kube_admin)
+    kubelet = kube.KubeletLogs(api_server)
+    await kubelet.start()
+    try:
+        await kubelet.node(kube_admin, "log-node")
+        for pod in ("echo-1", "echo-2"):
+            body = {
+                "metadata": {"name": pod, "labels": {"faas_function": "echo"}},
+                "spec": {
+                    "nodeName": "log-node",
+                    "containers": [{"name": "echo", "image": ECHO["image"]}],
+                },
+            }
+            await core.create_namespaced_pod(NS, body)
+        old = datetime.now(UTC) - timedelta(hours=2)
+        kubelet.say("echo-1", "started long ago", old)
+        kubelet.say("echo-1", "Forking - cat []")
+        kubelet.say("echo-2", "Forking - cat []")
+        async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider:
+            assert await faas_cli_deploy(provider, ECHO) == 202
+
+            async def lines(query: str) -> list[dict[str, Any]]:
+                response = await provider.get(f"/system/logs?name=echo&{query}")
+                assert response.status == 200, await response.text()
+                assert response.headers["Content-Type"] == "application/x-ndjson"
+                return [json.loads(line) for line in (await response.text()).splitlines()]
+
+            every = await lines("")
+            assert sorted((m["instance"], m["text"]) for m in every) == [
+                ("echo-1", "Forking - cat []"),
+                ("echo-1", "started long ago"),
+                ("echo-2", "Forking - cat []"),
+            ]
+            first = next(m for m in every if m["text"] == "started long ago")
+            assert datetime.fromisoformat(first["timestamp"]) == old, "the kubelet's own time"
+            assert {m["name"] for m in every} == {"echo"}
+            assert {m["instance"] for m in await lines("instance=echo-2")} == {"echo-2"}
+            tail = await lines("tail=1")
+            assert sorted(m["instance"] for m in tail) == ["echo-1", "echo-2"]
+            since = (datetime.now(UTC) - timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+            assert "started long ago" not in {m["text"] for m in await lines(f"since={since}")}
+            follow = await provider.get("/system/logs?name=echo&follow=true")
+            seen = [json.loads(await follow.content.readline())["text"] for _ in every]
+            assert sorted(seen) == sorted(m["text"] for m in every), "what there was, first"
+            kubelet.say("echo-2", "a new line")
+            line = await asyncio.wait_for(follow.content.readline(), 10)
+            assert json.loads(line)["text"] == "a new line", "then what comes, as it comes"
+            follow.close()
+        assert {"timestamps": "true", "follow": "true"}.items() <= kubelet.asked[-1].items()
+        assert {"tailLines": "1"}.items() <= kubelet.asked[3].items()
+    finally:
+        await kubelet.close()

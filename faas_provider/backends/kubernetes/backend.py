@@ -383,7 +383,8 @@ class KubernetesBackend:
             ),
         )
         lines: asyncio.Queue[LogMessage | None] = asyncio.Queue()
-        readers = [asyncio.create_task(self._read_pod_log(pod, query, lines)) for pod in pods.items]
+        chosen = [p for p in pods.items if query.instance in (None, p.metadata.name)]
+        readers = [asyncio.create_task(self._read_pod_log(pod, query, lines)) for pod in chosen]
         try:
             for _ in readers:
                 while (message := await lines.get()) is not None:
