@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -39,7 +38,8 @@ from faas_provider.errors import NotFound, ProviderError
 from faas_provider.gpu.discovery import discover_gpus
 from faas_provider.gpu.share import parse_quantity
 from faas_provider.models import DEFAULT_NAMESPACE, FunctionDeployment
-from faas_provider.node.serve import serve_node
+from faas_provider.node.serve import running_node
+from faas_provider.processes import stop_on_signals
 from faas_provider.settings import Settings
 from faas_provider.stack import StackError, load_stack
 
@@ -212,16 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         _render(args)
         return
     if args.command == "node":
-        node = serve_node(
-            discover_gpus(),
-            args.run_dir,
-            args.host,
-            args.port,
-            args.quota_window_ms / 1000,
-            args.node,
-            args.kubeconfig,
-        )
-        asyncio.run(node)
+        asyncio.run(_node(args))
         return
     functions_dir = args.functions_dir or (
         args.stack.parent / "functions" if args.stack else Path("functions")
@@ -250,6 +241,22 @@ def main(argv: list[str] | None = None) -> None:
         except StackError as error:
             raise SystemExit(f"fast-gshare: {error}") from error
     asyncio.run(_up(settings, stack))
+
+
+async def _node(args: argparse.Namespace) -> None:
+    """Run the node agent until SIGINT or SIGTERM."""
+    stopped = stop_on_signals()
+    async with running_node(
+        discover_gpus(),
+        args.run_dir,
+        args.host,
+        args.port,
+        args.quota_window_ms / 1000,
+        args.node,
+        args.kubeconfig,
+    ):
+        await stopped.wait()
+        log.info("node agent stopping: its MPS daemons and token service end")
 
 
 def _render(args: argparse.Namespace) -> None:
@@ -297,10 +304,7 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
         control_socket.chmod(0o600)
         workers = WorkerPool(settings, control_socket, settings.workers - 1)
         workers.start()
-    stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopped.set)
+    stopped = stop_on_signals()
     try:
         await _deploy_stack(backend, stack, base)
         await stopped.wait()

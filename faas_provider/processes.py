@@ -1,4 +1,5 @@
-"""Process lifetimes: how a process started by the provider notices that the provider is gone.
+"""Process lifetimes: how a process started by the provider notices that the provider is gone,
+and how a long-running command notices that it is told to stop.
 
 The runtime, the gates and the extra workers each get `--parent-pid` and end when that
 process ends, so nothing outlives a provider killed with -9.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Callable
 
 PARENT_CHECK_INTERVAL_S = 1.0
@@ -38,3 +40,12 @@ async def watch_parent(pid: int, on_gone: Callable[[], None]) -> None:
             on_gone()
             return
         await asyncio.sleep(PARENT_CHECK_INTERVAL_S)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by the first SIGINT or SIGTERM (handled from now on in the running loop)."""
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    return stopped

@@ -91,3 +91,5 @@ async def test_the_agent_publishes_its_gpus_and_recycles_the_pods_of_a_lost_gpu(
         # without a kubelet a bound pod stays, marked for deletion, until its kubelet ends it
         assert marked == {"on-the-gpu": True, "other-gpu": False, "other-node": False}
         assert daemon.running(), "the agent started the daemon again"
+    assert not (run_dir / "tokens" / "tokens.sock").exists(), "a stopped agent leaves no socket"
+    assert not daemon.running()

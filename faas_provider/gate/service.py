@@ -39,16 +39,18 @@ class TokenService:
         self._writers: dict[tuple[str, str], asyncio.StreamWriter] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._server: asyncio.Server | None = None
+        self._socket_path: Path | None = None
 
     async def start(self, socket_path: Path) -> None:
         """Listen on `socket_path` (mode 0600)."""
         socket_path.unlink(missing_ok=True)  # noqa: ASYNC240 - once, at start
         self._server = await asyncio.start_unix_server(self._serve, path=str(socket_path))
+        self._socket_path = socket_path
         socket_path.chmod(0o600)  # noqa: ASYNC240 - once, at start
         log.info("token service on %s (window %.0f ms)", socket_path, self.window_s * 1000)
 
     async def close(self) -> None:
-        """Stop listening and drop every connection."""
+        """Stop listening, drop every connection and remove the socket."""
         for timer in self._timers.values():
             timer.cancel()
         for writer in list(self._writers.values()):
@@ -56,6 +58,8 @@ class TokenService:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self._socket_path is not None:
+            self._socket_path.unlink(missing_ok=True)
 
     def charged_total(self) -> dict[str, dict[str, float]]:
         """Seconds of GPU time charged to each registered client since it registered, by GPU."""

@@ -1,7 +1,7 @@
 """`fast-gshare node`: the node agent as a process, as the DaemonSet runs it on each GPU node.
 
 It starts the agent (MPS daemons, token service, fault watch) in its run directory and serves
-`/healthz` and `/metrics` until SIGTERM or SIGINT. With `--node` it is on a cluster: it
+`/healthz` and `/metrics`. With `--node` it is on a cluster: it
 publishes the node's GPUs on its Node for the provider's placement, and when a GPU's MPS
 clients lose their server it deletes that GPU's function pods on the node, which their
 Deployments start again as clients of the daemon it has restarted (backends/kubernetes/node_api.py).
@@ -9,10 +9,8 @@ Deployments start again as clients of the daemon it has restarted (backends/kube
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -86,25 +84,6 @@ async def running_node(
         await agent.close()
         if api is not None:
             await api.close()
-
-
-async def serve_node(
-    devices: list[GpuDevice],
-    run_dir: Path,
-    host: str,
-    port: int,
-    window_s: float,
-    node: str | None,
-    kubeconfig: Path | None,
-) -> None:
-    """Run the node agent until SIGTERM or SIGINT."""
-    async with running_node(devices, run_dir, host, port, window_s, node, kubeconfig):
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopped.set)
-        await stopped.wait()
-        log.info("node agent stopping: its MPS daemons and token service end")
 
 
 async def _cluster(kubeconfig: Path | None) -> client.ApiClient:
