@@ -550,3 +550,23 @@ async def test_logs_come_from_the_pods_with_tail_since_and_follow(
         assert {"tailLines": "1"}.items() <= kubelet.asked[3].items()
     finally:
         await kubelet.close()
+
+
+async def test_a_service_of_someone_elses_by_the_functions_name_is_a_409_naming_it(
+    aiohttp_client: Any,
+    settings: Settings,
+    api_server: kube.ApiServer,
+    kube_admin: client.ApiClient,
+) -> None:
+    core, apps = client.CoreV1Api(kube_admin), client.AppsV1Api(kube_admin)
+    theirs = {"metadata": {"name": "echo"}, "spec": {"ports": [{"port": 80}]}}
+    await core.create_namespaced_service(NS, theirs)
+    async with provider_on(aiohttp_client, settings, api_server.kubeconfig) as provider:
+        response = await provider.post("/system/functions", json=ECHO)
+        text = await response.text()
+        assert response.status == 409, text
+        assert f"Service {NS}/echo" in text and "already exists" in text
+        assert await (await provider.get("/system/functions")).json() == []
+    assert (await apps.list_namespaced_deployment(NS)).items == []
+    kept = await core.read_namespaced_service("echo", NS)
+    assert kept.spec.ports[0].port == 80, "theirs is left as it was"
