@@ -21,6 +21,7 @@ import json
 import socket
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from mps_check import ALLOCATE, GIB, THROUGHPUT, client  # noqa: E402
 
-from faas_provider.backends.kubernetes.manifests import GpuSlot, function_deployment  # noqa: E402
+from faas_provider.backends.kubernetes.manifests import function_deployment  # noqa: E402
 from faas_provider.backends.local.launch import python_environment  # noqa: E402
 from faas_provider.gpu.discovery import discover_gpus  # noqa: E402
 from faas_provider.gpu.share import gpu_share  # noqa: E402
@@ -101,7 +102,7 @@ async def check(seconds: float) -> dict[str, Any]:
                     raise SystemExit(
                         f"node_agent_check: the node agent exited ({agent.returncode})"
                     )
-        slot = GpuSlot("this-node", gpu.uuid)
+        slot = replace(gpu, node="this-node")
         for sm in (100, 25):
             spec = FunctionDeployment(
                 service=f"matmul-{sm}",

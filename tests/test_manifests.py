@@ -19,7 +19,6 @@ from faas_provider.backends.kubernetes.manifests import (
     GPU_LABEL,
     RECORD_ANNOTATION,
     REPLICAS_ANNOTATION,
-    GpuSlot,
     deployment_name,
     function_deployment,
     function_service,
@@ -27,6 +26,7 @@ from faas_provider.backends.kubernetes.manifests import (
 )
 from faas_provider.gate.__main__ import parse_args as gate_args
 from faas_provider.gate.registration import Registration
+from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.share import gpu_share
 from faas_provider.models import FunctionDeployment
 
@@ -121,8 +121,8 @@ def test_a_gpu_shared_deployment_pins_its_gpu_and_puts_the_gate_in_front() -> No
     spec = function(annotations=SHARED)
     share = gpu_share(spec)
     assert share is not None
-    slot = GpuSlot("gpu-node-7", UUID)
-    deployment = valid(function_deployment(spec, 3, share, slot, "ghcr.io/x/fast-gshare:9"))
+    gpu = GpuDevice(index=0, uuid=UUID, name="H200", memory_bytes=141 * 1024**3, node="gpu-node-7")
+    deployment = valid(function_deployment(spec, 3, share, gpu, "ghcr.io/x/fast-gshare:9"))
     assert (
         deployment["metadata"]["name"] == deployment_name("resnet50", UUID) == "resnet50-8f2e1a3b"
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from faas_provider.gpu.discovery import GpuDevice
-from faas_provider.gpu.placement import GpuLoad, choose_gpu, fits_when_empty
+from faas_provider.gpu.placement import GpuLoad, Placer, choose_gpu, fits_when_empty, spread
 from faas_provider.gpu.share import GpuShare, parse_quantity
 
 GIB = 1024**3
@@ -63,3 +65,20 @@ def test_memory_caps_and_whole_gpus() -> None:
     empty = _loads(1)
     empty[0].shares["whole"] = GpuShare(100, 1.0, 1.0, None, exclusive=True)
     assert choose_gpu(GpuShare(1, 0.01, 0.01, None), empty) is None, "a whole GPU is alone"
+
+
+def test_spread_keeps_held_replicas_packs_the_rest_and_says_why_some_wait() -> None:
+    gpus = [GpuDevice(i, f"GPU-{i}", "test", 80 * GIB, node=f"n{i}") for i in range(2)]
+    share = GpuShare(sm_percent=40, quota_request=1.0, quota_limit=1.0, memory_bytes=GIB)
+    held = Counter({gpus[1]: 1})
+    placed, reason = spread(Placer(gpus), "ns/f", share, 3, held)
+    assert placed == Counter({gpus[1]: 2, gpus[0]: 1}), "kept where it was, then packed there"
+    assert reason is None
+    placed, reason = spread(Placer(gpus), "ns/f", share, 5)
+    assert placed.total() == 4
+    assert reason is not None and "GPU 0 of node n0 has 20 of 100 SM-time left" in reason
+    gone = GpuDevice(9, "GPU-9", "test", 80 * GIB, node="n9")
+    placed, _ = spread(Placer(gpus), "ns/f", share, 1, Counter({gone: 1}))
+    assert placed.total() == 1 and gone not in placed, "a GPU no longer there is placed anew"
+    fewer, _ = spread(Placer(gpus), "ns/f", share, 1, Counter({gpus[0]: 2}))
+    assert fewer == Counter({gpus[0]: 1}), "no more kept than wanted"

@@ -8,6 +8,7 @@ fullest wins: GPUs are packed before another is opened, so the load needs the fe
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from faas_provider.errors import InvalidRequest
@@ -115,3 +116,28 @@ class Placer:
         """The GPU replica `key` is placed on."""
         load = self._placed.get(key)
         return load.device if load is not None else None
+
+
+def spread(
+    placer: Placer,
+    key: str,
+    share: GpuShare,
+    replicas: int,
+    held: Counter[GpuDevice] | None = None,
+) -> tuple[Counter[GpuDevice], str | None]:
+    """Place `replicas` replicas of function `key` with `placer`: those `held` on GPUs the
+    placer still has stay there (as many as are wanted), the others go where placement finds
+    room. How many are on each GPU, and why the rest wait (None when none waits)."""
+    counts: Counter[GpuDevice] = Counter()
+    for device, count in (held or Counter()).items():
+        if device not in placer.devices:
+            continue  # gone from the inventory: placed again below
+        for _ in range(min(count, replicas - counts.total())):
+            placer.hold(f"{key}/{device.uuid}/{counts[device]}", share, device)
+            counts[device] += 1
+    while counts.total() < replicas:
+        device = placer.place(f"{key}/new/{counts.total()}", share)
+        if isinstance(device, str):
+            return counts, device
+        counts[device] += 1
+    return counts, None

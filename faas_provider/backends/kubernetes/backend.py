@@ -37,7 +37,6 @@ from faas_provider.backends.kubernetes.manifests import (
     NODE_ANNOTATION,
     RECORD_ANNOTATION,
     REPLICAS_ANNOTATION,
-    GpuSlot,
     function_deployment,
     function_service,
 )
@@ -45,7 +44,7 @@ from faas_provider.backends.kubernetes.node_api import node_gpus
 from faas_provider.backends.kubernetes.settings import KubernetesSettings
 from faas_provider.errors import Conflict, InvalidRequest, NotFound, ProviderError, Unavailable
 from faas_provider.gpu.discovery import GpuDevice
-from faas_provider.gpu.placement import Placer
+from faas_provider.gpu.placement import Placer, spread
 from faas_provider.gpu.share import GpuShare, gpu_share
 from faas_provider.models import (
     FUNCTION_LABEL,
@@ -240,9 +239,9 @@ class KubernetesBackend:
             placer = self._placer(leaving={(namespace, name)})
             held = self._held(deployment)
             if replicas < before and held:  # keep the GPUs with most of its replicas
-                kept: Counter[GpuSlot] = Counter()
-                for slot, count in sorted(held.items(), key=lambda item: -item[1]):
-                    kept[slot] = max(0, min(count, replicas - sum(kept.values())))
+                kept: Counter[GpuDevice] = Counter()
+                for device, count in sorted(held.items(), key=lambda item: -item[1]):
+                    kept[device] = max(0, min(count, replicas - kept.total()))
                 held = +kept
             wanted = self._plan(deployment, share, replicas, placer, held)
             await self._apply_deployments(deployment, wanted)
@@ -509,7 +508,6 @@ class KubernetesBackend:
         """Placement as the cluster holds it now, less the functions in `leaving`."""
         devices = self._devices()
         placer = Placer(devices, where="the cluster's shared GPUs")
-        by_slot = {GpuSlot(d.node or "", d.uuid): d for d in devices}
         for (namespace, name), service in self._services.items.items():
             if (namespace, name) in leaving:
                 continue
@@ -517,21 +515,24 @@ class KubernetesBackend:
             share = gpu_share(deployment)
             if share is None or share.exclusive:
                 continue
-            for slot, count in self._held(deployment).items():
-                if slot in by_slot:
-                    for index in range(count):
-                        placer.hold(f"{namespace}/{name}/{slot.uuid}/{index}", share, by_slot[slot])
+            for device, count in self._held(deployment, devices).items():
+                for index in range(count):
+                    placer.hold(f"{namespace}/{name}/{device.uuid}/{index}", share, device)
         return placer
 
-    def _held(self, deployment: FunctionDeployment) -> Counter[GpuSlot]:
-        """How many replicas of `deployment` each GPU holds now."""
-        held: Counter[GpuSlot] = Counter()
+    def _held(
+        self, deployment: FunctionDeployment, devices: list[GpuDevice] | None = None
+    ) -> Counter[GpuDevice]:
+        """How many replicas of `deployment` each GPU of `devices` (the published ones when
+        None) holds now; those on a GPU no longer published are left out."""
+        by_place = {(d.node, d.uuid): d for d in (self._devices() if devices is None else devices)}
+        held: Counter[GpuDevice] = Counter()
         for name in self._deployments_of(deployment.service, deployment.namespace):
             obj = self._deployments.items[(deployment.namespace, name)]
             uuid = obj["spec"]["selector"]["matchLabels"].get(GPU_LABEL)
             node = obj["metadata"].get("annotations", {}).get(NODE_ANNOTATION)
-            if uuid and node:
-                held[GpuSlot(node, uuid)] += obj["spec"].get("replicas", 0)
+            if (node, uuid) in by_place:
+                held[by_place[(node, uuid)]] += obj["spec"].get("replicas", 0)
         return held
 
     def _plan(
@@ -540,7 +541,7 @@ class KubernetesBackend:
         share: GpuShare | None,
         replicas: int,
         placer: Placer,
-        held: Counter[GpuSlot] | None = None,
+        held: Counter[GpuDevice] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """The Deployments that run `replicas` replicas: one for a plain or whole-GPU function;
         for a GPU-shared one, those on the GPUs in `held` (kept there) and on GPUs with room
@@ -549,23 +550,11 @@ class KubernetesBackend:
         if share is None or share.exclusive:
             obj = function_deployment(deployment, replicas, share, None, image, self._paths)
             return {obj["metadata"]["name"]: obj}
-        devices = {GpuSlot(d.node or "", d.uuid): d for d in placer.devices}
-        counts: Counter[GpuSlot] = Counter()
         key = f"{deployment.namespace}/{deployment.service}"
-        for slot, count in (held or Counter()).items():
-            if slot not in devices:
-                continue  # its node no longer publishes the GPU: placed again below
-            for _ in range(min(count, replicas - sum(counts.values()))):
-                placer.hold(f"{key}/{slot.uuid}/{counts[slot]}", share, devices[slot])
-                counts[slot] += 1
-        while sum(counts.values()) < replicas:
-            device = placer.place(f"{key}/new/{sum(counts.values())}", share)
-            if isinstance(device, str):
-                break
-            counts[GpuSlot(device.node or "", device.uuid)] += 1
+        placed, _ = spread(placer, key, share, replicas, held)
         wanted = {}
-        for slot, count in counts.items():
-            obj = function_deployment(deployment, count, share, slot, image, self._paths)
+        for device, count in placed.items():
+            obj = function_deployment(deployment, count, share, device, image, self._paths)
             wanted[obj["metadata"]["name"]] = obj
         return wanted
 

@@ -19,7 +19,6 @@ count) in its annotations: the cluster holds all the provider's state.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import PurePosixPath
 from typing import Any
@@ -28,6 +27,7 @@ import jinja2
 import yaml
 
 from faas_provider import __version__
+from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.mps import client_share_env, short_id
 from faas_provider.gpu.share import GpuShare
 from faas_provider.models import FUNCTION_LABEL, FunctionDeployment
@@ -43,14 +43,6 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "fast-gshare"}
 RECORD_ANNOTATION = "fastgshare/function"  # on the Service: the FunctionDeployment as sent
 REPLICAS_ANNOTATION = "fastgshare/replicas"  # on the Service: the desired replica count
 NODE_ANNOTATION = "fastgshare/node"  # on a GPU Deployment: the node its GPU is on
-
-
-@dataclass(frozen=True)
-class GpuSlot:
-    """A GPU of the cluster that replicas are placed on."""
-
-    node: str
-    uuid: str
 
 
 def _environment() -> jinja2.Environment:
@@ -101,14 +93,15 @@ def function_deployment(
     deployment: FunctionDeployment,
     replicas: int,
     share: GpuShare | None,
-    slot: GpuSlot | None,
+    gpu: GpuDevice | None,
     gate_image: str,
     paths: RunDir = DEFAULT_RUN_DIR,
 ) -> dict[str, Any]:
-    """The Deployment of `deployment` (of its replicas on `slot`'s GPU, for a shared GPU)."""
+    """The Deployment of `deployment`; for a GPU-shared one, of its replicas on `gpu` (which
+    names its node)."""
     name = deployment.service
     shared = share is not None and not share.exclusive
-    assert shared == (slot is not None), "a GPU-shared function's Deployment names its GPU"
+    assert shared == (gpu is not None), "a GPU-shared function's Deployment names its GPU"
     selector = {FUNCTION_LABEL: name}
     env = {**deployment.env_vars}
     if deployment.env_process:
@@ -125,15 +118,15 @@ def function_deployment(
         ]
         volumes.append({"name": "secrets", "projected": {"sources": sources}})
         mounts.append({"name": "secrets", "mountPath": SECRETS_PATH, "readOnly": True})
-    gpu = None
+    sidecar = None
     deployment_annotations = _annotations(deployment)
     if shared:
-        assert share is not None and slot is not None
-        selector[GPU_LABEL] = slot.uuid
-        deployment_annotations[NODE_ANNOTATION] = slot.node
+        assert share is not None and gpu is not None and gpu.node is not None
+        selector[GPU_LABEL] = gpu.uuid
+        deployment_annotations[NODE_ANNOTATION] = gpu.node
         pipe = "/run/fast-gshare/mps"
         env |= {
-            "NVIDIA_VISIBLE_DEVICES": slot.uuid,
+            "NVIDIA_VISIBLE_DEVICES": gpu.uuid,
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
             "CUDA_MPS_PIPE_DIRECTORY": pipe,
             **client_share_env(share.sm_percent, share.memory_bytes),
@@ -142,7 +135,7 @@ def function_deployment(
         volumes += [
             {
                 "name": "fast-gshare-mps",
-                "hostPath": {"path": str(paths.pipe_dir(slot.uuid)), **host},
+                "hostPath": {"path": str(paths.pipe_dir(gpu.uuid)), **host},
             },
             {"name": "fast-gshare-shm", "hostPath": {"path": str(paths.shm_dir), **host}},
             {"name": "fast-gshare-tokens", "hostPath": {"path": str(paths.token_dir), **host}},
@@ -151,12 +144,12 @@ def function_deployment(
             {"name": "fast-gshare-mps", "mountPath": pipe},
             {"name": "fast-gshare-shm", "mountPath": "/dev/shm"},
         ]
-        registration = share.registration(slot.uuid, "$(POD_NAME)")
+        registration = share.registration(gpu.uuid, "$(POD_NAME)")
         gate_args = ["--host", "0.0.0.0", "--port", str(GATE_PORT)]
         gate_args += ["--upstream", f"http://127.0.0.1:{FUNCTION_PORT}"]
         gate_args += ["--token-socket", str(paths.token_socket), *registration.argv()]
-        gpu = {
-            "node": slot.node,
+        sidecar = {
+            "node": gpu.node,
             "gate_image": gate_image,
             "gate_args": gate_args,
             "gate_port": GATE_PORT,
@@ -166,7 +159,7 @@ def function_deployment(
         env["NVIDIA_DRIVER_CAPABILITIES"] = "compute,utility"
     return render(
         "function-deployment.yaml.j2",
-        name=deployment_name(name, slot.uuid if slot else None),
+        name=deployment_name(name, gpu.uuid if gpu else None),
         namespace=deployment.namespace,
         function=name,
         replicas=replicas,
@@ -182,7 +175,7 @@ def function_deployment(
         function_port=FUNCTION_PORT,
         volumes=volumes,
         volume_mounts=mounts,
-        gpu=gpu,
+        gpu=sidecar,
     )
 
 

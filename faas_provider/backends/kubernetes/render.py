@@ -5,18 +5,16 @@ placeholder GPU."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import yaml
 
 from faas_provider.backends.kubernetes.manifests import (
-    GpuSlot,
     function_deployment,
     function_service,
 )
 from faas_provider.gpu.discovery import GpuDevice
-from faas_provider.gpu.placement import Placer
+from faas_provider.gpu.placement import Placer, spread
 from faas_provider.gpu.share import gpu_share, parse_quantity
 from faas_provider.models import FunctionDeployment
 
@@ -30,24 +28,6 @@ def parse_gpu(text: str, index: int) -> GpuDevice:
         raise ValueError(f"--gpu {text!r}: write NODE/UUID or NODE/UUID/MEMORY (e.g. 80Gi)")
     memory = parse_quantity(parts[2]) if len(parts) == 3 else parse_quantity("80Gi")
     return GpuDevice(index=index, uuid=parts[1], name="given", memory_bytes=memory, node=parts[0])
-
-
-def slices(
-    deployment: FunctionDeployment, replicas: int, placer: Placer
-) -> tuple[Counter[GpuSlot], list[str]]:
-    """Place `replicas` GPU-shared replicas of `deployment`: how many land on each GPU, and
-    why each of the others waits."""
-    share = gpu_share(deployment)
-    assert share is not None and not share.exclusive
-    placed: Counter[GpuSlot] = Counter()
-    pending = []
-    for index in range(replicas):
-        device = placer.place(f"{deployment.namespace}/{deployment.service}-{index}", share)
-        if isinstance(device, str):
-            pending.append(device)
-        else:
-            placed[GpuSlot(device.node or "", device.uuid)] += 1
-    return placed, pending
 
 
 def stack_objects(
@@ -64,14 +44,15 @@ def stack_objects(
             objects.append(function_deployment(deployment, replicas, share, None, gate_image))
             continue
         placer.check(share)
-        placed, pending = slices(deployment, replicas, placer)
-        for slot, count in placed.items():
-            objects.append(function_deployment(deployment, count, share, slot, gate_image))
-        if pending:
+        key = f"{deployment.namespace}/{deployment.service}"
+        placed, reason = spread(placer, key, share, replicas)
+        if reason is not None:
             raise ValueError(
-                f"{len(pending)} replica(s) of {deployment.service} fit no given GPU: "
-                f"{pending[0]}; give more GPUs with --gpu"
+                f"{replicas - placed.total()} replica(s) of {deployment.service} fit no given "
+                f"GPU: {reason}; give more GPUs with --gpu"
             )
+        for device, count in placed.items():
+            objects.append(function_deployment(deployment, count, share, device, gate_image))
     return objects
 
 
