@@ -503,15 +503,31 @@ async def test_logs_come_from_the_pods_with_tail_since_and_follow(
     await kubelet.start()
     try:
         await kubelet.node(kube_admin, "log-node")
-        for pod in ("echo-1", "echo-2"):
+
+        async def running_pod(name: str) -> None:
+            """A pod of the function on the log node, its container started."""
             body = {
-                "metadata": {"name": pod, "labels": {"faas_function": "echo"}},
+                "metadata": {"name": name, "labels": {"faas_function": "echo"}},
                 "spec": {
                     "nodeName": "log-node",
                     "containers": [{"name": "echo", "image": ECHO["image"]}],
                 },
             }
             await core.create_namespaced_pod(NS, body)
+            started = {"running": {"startedAt": "2026-12-02T00:00:00Z"}}
+            status = {"name": "echo", "image": ECHO["image"], "imageID": "", "ready": True}
+            await core.patch_namespaced_pod_status(
+                name,
+                NS,
+                {
+                    "status": {
+                        "containerStatuses": [{**status, "restartCount": 0, "state": started}]
+                    }
+                },
+            )
+
+        for pod in ("echo-1", "echo-2"):
+            await running_pod(pod)
         old = datetime.now(UTC) - timedelta(hours=2)
         kubelet.say("echo-1", "started long ago", old)
         kubelet.say("echo-1", "Forking - cat []")
@@ -545,6 +561,11 @@ async def test_logs_come_from_the_pods_with_tail_since_and_follow(
             kubelet.say("echo-2", "a new line")
             line = await asyncio.wait_for(follow.content.readline(), 10)
             assert json.loads(line)["text"] == "a new line", "then what comes, as it comes"
+            await running_pod("echo-3")  # a replica that starts while someone follows
+            await asyncio.sleep(0.5)
+            kubelet.say("echo-3", "from a pod that came later")
+            later = json.loads(await asyncio.wait_for(follow.content.readline(), 10))
+            assert (later["instance"], later["text"]) == ("echo-3", "from a pod that came later")
             follow.close()
         assert {"timestamps": "true", "follow": "true"}.items() <= kubelet.asked[-1].items()
         assert {"tailLines": "1"}.items() <= kubelet.asked[3].items()

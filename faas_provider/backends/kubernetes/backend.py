@@ -375,56 +375,87 @@ class KubernetesBackend:
                     when = _parse_time(stamp) if stamp else _utcnow()
                     text = f"{condition.get('reason')}: {condition.get('message', '')}"
                     yield self._message(query, name, when, text)
-        pods = await self._call(
-            f"Pods of {query.name}.{query.namespace}",
-            self._core.list_namespaced_pod(
-                query.namespace, label_selector=f"{FUNCTION_LABEL}={query.name}"
-            ),
-        )
         lines: asyncio.Queue[LogMessage | None] = asyncio.Queue()
-        chosen = [p for p in pods.items if query.instance in (None, p.metadata.name)]
-        readers = [asyncio.create_task(self._read_pod_log(pod, query, lines)) for pod in chosen]
+        readers: dict[str, asyncio.Task[None]] = {}
+        said: set[tuple[str, str]] = set()
+
+        def consider(event: str, pod: dict[str, Any]) -> None:
+            """Read a pod's log once its container has started; say why one waits."""
+            name = pod["metadata"]["name"]
+            if event == "DELETED" or name in readers or query.instance not in (None, name):
+                return
+            statuses = pod.get("status", {}).get("containerStatuses") or []
+            state = next((c.get("state", {}) for c in statuses if c["name"] == query.name), {})
+            waiting = state.get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason not in (None, "ContainerCreating") and (name, reason) not in said:
+                said.add((name, reason))
+                text = f"{query.name} waiting: {reason}: {waiting.get('message', '')}".strip()
+                lines.put_nowait(self._message(query, name, _utcnow(), text))
+            if "running" in state or "terminated" in state:
+                readers[name] = asyncio.create_task(self._read_pod_log(name, query, lines))
+
+        selector = f"{FUNCTION_LABEL}={query.name}"
+        watch = None
+        if query.follow:  # pods that start later are followed too
+            pods = Informer(
+                f"pods of {query.name}.{query.namespace}",
+                self._core.list_namespaced_pod,
+                namespace=query.namespace,
+                label_selector=selector,
+            )
+            pods.on_change = consider
+            watch = asyncio.create_task(pods.run())
+        else:
+
+            async def listed() -> list[dict[str, Any]]:
+                response = await self._core.list_namespaced_pod(
+                    query.namespace, label_selector=selector, _preload_content=False
+                )
+                document = json.loads(await (await checked(response)).read())
+                items: list[dict[str, Any]] = document.get("items", [])
+                return items
+
+            for pod in await self._call(f"Pods of {query.name}.{query.namespace}", listed()):
+                consider("ADDED", pod)
+            lines.put_nowait(None)  # the end, once the readers' ends are counted
         try:
-            for _ in readers:
-                while (message := await lines.get()) is not None:
+            ends = 0
+            while watch is not None or ends < len(readers) + 1:
+                message = await lines.get()
+                if message is None:
+                    ends += 1
+                else:
                     yield message
         finally:
-            for reader in readers:
-                reader.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
+            tasks = [*readers.values(), *([watch] if watch is not None else [])]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read_pod_log(
-        self, pod: Any, query: LogQuery, lines: asyncio.Queue[LogMessage | None]
+        self, pod: str, query: LogQuery, lines: asyncio.Queue[LogMessage | None]
     ) -> None:
-        """Queue one pod's log lines (and a line for a container that waits), then None."""
-        name = pod.metadata.name
+        """Queue the log lines of pod `pod`'s function container, then None."""
         try:
-            for status in pod.status.container_statuses or []:
-                waiting = status.state.waiting if status.state else None
-                if waiting is not None and waiting.reason not in (None, "ContainerCreating"):
-                    text = f"{status.name} waiting: {waiting.reason}: {waiting.message or ''}"
-                    await lines.put(self._message(query, name, _utcnow(), text.strip()))
-            since = None
-            if query.since is not None:
-                since = max(1, int((_utcnow() - query.since).total_seconds()))
             kwargs: dict[str, Any] = {"timestamps": True, "follow": query.follow}
             if query.tail is not None:
                 kwargs["tail_lines"] = query.tail
-            if since is not None:
-                kwargs["since_seconds"] = since
+            if query.since is not None:
+                kwargs["since_seconds"] = max(1, int((_utcnow() - query.since).total_seconds()))
             response = await checked(
                 await self._core.read_namespaced_pod_log(
-                    name, query.namespace, container=query.name, _preload_content=False, **kwargs
+                    pod, query.namespace, container=query.name, _preload_content=False, **kwargs
                 )
             )
             try:
                 async for raw in response.content:
                     stamp, _, text = raw.decode(errors="replace").rstrip("\n").partition(" ")
-                    await lines.put(self._message(query, name, _parse_time(stamp), text))
+                    await lines.put(self._message(query, pod, _parse_time(stamp), text))
             finally:
                 response.release()
         except (ApiException, aiohttp.ClientError) as error:
-            log.info("no log of pod %s/%s: %s", query.namespace, name, _reason(error))
+            log.info("no log of pod %s/%s: %s", query.namespace, pod, _reason(error))
         finally:
             await lines.put(None)
 
