@@ -13,9 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from faas_provider import __version__
 from faas_provider.api import functions, logs, namespaces, proxy, secrets
 from faas_provider.api.keys import BACKEND, METRICS, RESOLVER, SETTINGS, UPSTREAM
-from faas_provider.api.middleware import ProviderMetrics, basic_auth, errors
+from faas_provider.api.middleware import basic_auth, errors
 from faas_provider.api.resolver import Resolver
 from faas_provider.backends.base import Backend
+from faas_provider.metrics import ProviderMetrics
 from faas_provider.settings import Settings, read_basic_auth
 from faas_provider.upstream import UpstreamPool
 

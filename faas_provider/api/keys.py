@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from faas_provider.api.middleware import ProviderMetrics
 from faas_provider.api.resolver import Resolver
 from faas_provider.backends.base import Backend
+from faas_provider.metrics import ProviderMetrics
 from faas_provider.settings import Settings
 from faas_provider.upstream import UpstreamPool
 

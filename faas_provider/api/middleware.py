@@ -1,15 +1,14 @@
-"""Cross-cutting concerns wrapped around every handler in one place: errors, auth, metrics."""
+"""Cross-cutting concerns wrapped around every handler in one place: errors and auth (the
+metrics' middleware is faas_provider/metrics.py's)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hmac
-import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
 from faas_provider.errors import ProviderError
@@ -80,44 +79,3 @@ def _credentials(header: str) -> tuple[bytes, bytes]:
         return b"", b""
     user, _, password = decoded.partition(b":")
     return user, password
-
-
-class ProviderMetrics:
-    """faas-provider's HTTP metrics for /system/* in a registry owned by one app."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        labels = ("code", "method", "path")
-        self.requests = Counter(
-            "provider_http_requests",
-            "Requests to the provider API",
-            labels,
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "provider_http_request_duration_seconds",
-            "Seconds spent serving provider API requests",
-            labels,
-            registry=self.registry,
-        )
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Count and time /system/* requests, labelled by route template, not raw path."""
-        if not request.path.startswith("/system/"):
-            return await handler(request)
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as error:
-            status = error.status
-            raise
-        finally:
-            resource = request.match_info.route.resource
-            path = resource.canonical if resource is not None else request.path
-            labels = (str(status), request.method, path)
-            self.requests.labels(*labels).inc()
-            self.duration.labels(*labels).observe(time.perf_counter() - started)

@@ -7,9 +7,11 @@ naming the function.
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
-from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
+from faas_provider.api.keys import METRICS, RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.limits import BodyTooLarge, function_limit
 from faas_provider.errors import NotFound, Unavailable
 from faas_provider.forwarding import INTERNAL, bad_gateway, forward
@@ -42,19 +44,24 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     target = request.raw_path[len("/function/") + len(service) :]
     if not target.startswith("/"):
         target = "/" + target
+    started = time.perf_counter()
     try:
         base = await resolver.resolve(name, namespace)
         try:
-            return await forward(request, pool, base, target, timeout_s, limit)
+            response = await forward(request, pool, base, target, timeout_s, limit)
         except ConnectFailed:
             # The replica went away before the request reached it: another may take it.
             base = await resolver.resolve(name, namespace, fresh=True)
-            return await forward(request, pool, base, target, timeout_s, limit)
+            response = await forward(request, pool, base, target, timeout_s, limit)
     except BodyTooLarge as error:
-        return web.Response(status=error.status, text=str(error), headers=INTERNAL)
-    except NotFound:
+        response = web.Response(status=error.status, text=str(error), headers=INTERNAL)
+    except NotFound:  # not counted: a name nobody deployed is no function's invocation
         return web.Response(status=404, text=f"function {where} not found")
     except Unavailable as error:
-        return web.Response(status=503, text=str(error), headers=INTERNAL)
+        response = web.Response(status=503, text=str(error), headers=INTERNAL)
     except (UpstreamError, TimeoutError) as error:
-        return bad_gateway(f"function {where}", error)
+        response = bad_gateway(f"function {where}", error)
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.invoked(name, namespace, response.status, time.perf_counter() - started)
+    return response

@@ -1,0 +1,45 @@
+"""The provider's /metrics as a real Prometheus sees it (tests/prom.py): known traffic is sent,
+and the values are read back through Prometheus' query API, as a dashboard reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import ECHO, faas_cli_deploy, wait_available
+from tests.prom import prometheus
+
+ECHO_NAME = 'function_name="echo.openfaas-fn"'
+
+
+async def test_invocations_are_counted_per_function_and_code_in_prometheus(
+    client: TestClient, tmp_path: Path
+) -> None:
+    async with prometheus(tmp_path, [f"127.0.0.1:{client.server.port}"]) as server:
+        assert await faas_cli_deploy(client, ECHO) == 202
+        await wait_available(client, "echo")
+        for path in ["/function/echo"] * 7 + ["/function/echo.openfaas-fn/sub?x=1"] * 2:
+            assert (await client.post(path, data=b"x")).status == 200
+        for _ in range(3):
+            assert (await client.post("/function/nobody", data=b"x")).status == 404
+        await client.post("/system/scale-function/echo", json={"replicas": 0})
+        await wait_available(client, "echo", 0)
+        assert (await client.post("/function/echo", data=b"x")).status == 503
+
+        total = f"fast_gshare_function_invocations_total{{{ECHO_NAME}"
+        assert await server.settled(f'{total},code="200"}}', 9) == 9
+        assert await server.settled(f'{total},code="503"}}', 1) == 1
+        count = f"fast_gshare_function_invocation_duration_seconds_count{{{ECHO_NAME}}}"
+        assert await server.settled(count, 10) == 10
+        nobody = 'fast_gshare_function_invocations_total{function_name=~"nobody.*"}'
+        assert await server.query(nobody) == [], "a name nobody deployed is no function"
+        proxied = 'provider_http_requests_total{path="/function/{service}",code="404"}'
+        assert await server.settled(proxied, 3) == 3, "the proxy's routes are counted too"
+        deploys = 'sum(provider_http_requests_total{path="/system/functions",method="PUT"})'
+        assert await server.value(deploys) >= 1
+        latency = (
+            "histogram_quantile(0.99, sum by (le) ("
+            f"fast_gshare_function_invocation_duration_seconds_bucket{{{ECHO_NAME}}}))"
+        )
+        assert 0 < await server.value(latency) < 30, "p99 latency is answerable from the buckets"
