@@ -3,6 +3,11 @@
 Names follow Prometheus' conventions (units in the name, `_total` for counters) and
 faas-provider's for the HTTP metrics. Functions are labelled `function_name` in the gateway's
 `name.namespace` form, so they join with `gateway_function_invocation_total`.
+
+With `--workers N` the extra workers count the calls they proxy themselves and report their
+counts to the provider process every REPORT_INTERVAL_S (`PUT /system/workers/{pid}/metrics`
+on its control socket); /metrics serves the sums, so one scrape sees every process. A worker
+that ends keeps its last report in the sums, so counters never go back.
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNCOUNTED = ("/healthz", "/metrics")  # probes and scrapes: counting them counts only noise
+REPORT_INTERVAL_S = 1.0
 # seconds, from a small model's batch of one to a large batch or a cold start
 INVOCATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -22,34 +31,52 @@ INVOCATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 3
 class ProviderMetrics:
     """The provider's metrics: its HTTP API as faas-provider counts it, and invocations."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, counted_prefix: str = "/") -> None:
+        """`counted_prefix`: the paths this process counts (a worker: only /function/, for it
+        passes the others to the provider process, which counts them)."""
+        self.counted_prefix = counted_prefix
+        self.own = CollectorRegistry()  # what this process counted
+        self.registry = CollectorRegistry()  # what /metrics serves: that and the workers'
+        self.registry.register(_Summed(self))
+        self._reports: dict[str, list[Metric]] = {}
         labels = ("code", "method", "path")
         self.requests = Counter(
             "provider_http_requests",
             "Requests to the provider, by route",
             labels,
-            registry=self.registry,
+            registry=self.own,
         )
         self.duration = Histogram(
             "provider_http_request_duration_seconds",
             "Seconds spent serving requests to the provider, by route",
             labels,
-            registry=self.registry,
+            registry=self.own,
         )
         self.invocations = Counter(
             "fast_gshare_function_invocations",
             "Invocations of a function through the provider's proxy, by answer code",
             ("function_name", "code"),
-            registry=self.registry,
+            registry=self.own,
         )
         self.invocation_duration = Histogram(
             "fast_gshare_function_invocation_duration_seconds",
             "Seconds from an invocation's arrival at the proxy to its answer's end",
             ("function_name",),
             buckets=INVOCATION_BUCKETS,
-            registry=self.registry,
+            registry=self.own,
         )
+
+    def report(self, worker: str, exposition: str) -> None:
+        """Take a worker's counts (what its `own` registry exposes) in place of its last."""
+        self._reports[worker] = list(text_string_to_metric_families(exposition))
+
+    def exposition(self) -> bytes:
+        """What this process counted, as a worker reports it."""
+        return generate_latest(self.own)
+
+    def reports(self) -> list[list[Metric]]:
+        """The workers' last reports."""
+        return list(self._reports.values())
 
     def invoked(self, name: str, namespace: str, code: int, seconds: float) -> None:
         """Count one invocation of function `name.namespace` answered `code`."""
@@ -61,7 +88,7 @@ class ProviderMetrics:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Count and time every request but probes and scrapes, labelled by route template
         (`/function/{service}`), not raw path."""
-        if request.path in UNCOUNTED:
+        if request.path in UNCOUNTED or not request.path.startswith(self.counted_prefix):
             return await handler(request)
         started = time.perf_counter()
         status = 500
@@ -78,3 +105,36 @@ class ProviderMetrics:
             labels = (str(status), request.method, path)
             self.requests.labels(*labels).inc()
             self.duration.labels(*labels).observe(time.perf_counter() - started)
+
+
+class _Summed(Collector):
+    """This process's metrics with the workers' reports added, sample by sample."""
+
+    def __init__(self, metrics: ProviderMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        families = {family.name: family for family in self._metrics.own.collect()}
+        for report in self._metrics.reports():
+            for family in report:
+                if family.name.endswith("_created"):
+                    continue  # when a worker's series began: not a count
+                mine = families.setdefault(family.name, _empty_like(family))
+                where = {_key(s.name, s.labels): i for i, s in enumerate(mine.samples)}
+                for sample in family.samples:
+                    index = where.get(_key(sample.name, sample.labels))
+                    if index is None:
+                        where[_key(sample.name, sample.labels)] = len(mine.samples)
+                        mine.samples.append(sample)
+                    else:
+                        held = mine.samples[index]
+                        mine.samples[index] = held._replace(value=held.value + sample.value)
+        return list(families.values())
+
+
+def _empty_like(family: Metric) -> Metric:
+    return Metric(family.name, family.documentation, family.type, family.unit)
+
+
+def _key(name: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))

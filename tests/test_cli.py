@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from faas_provider import __version__
+from faas_provider.metrics import REPORT_INTERVAL_S
 from tests.conftest import REPO
 
 
@@ -61,6 +62,14 @@ def provider(state_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[st
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def _invocations(port: int) -> float:
+    """echo's 200 answers in /metrics, once the workers have reported (every second)."""
+    time.sleep(REPORT_INTERVAL_S * 1.5)
+    _, text = _call(port, "/metrics")
+    line = 'fast_gshare_function_invocations_total{code="200",function_name="echo.openfaas-fn"}'
+    return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
 
 
 def _wait_ready(port: int, name: str) -> None:
@@ -109,6 +118,7 @@ def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) ->
             assert status == 200 and "echo" in body
         status, _ = _call(port, "/system/logs?name=echo&tail=1")
         assert status == 200
+        assert _invocations(port) == 40, "one /metrics, whichever process proxied the call"
         # a worker that dies is replaced; once it is gone the port answers without it
         os.kill(workers[0], signal.SIGKILL)
         while Path(f"/proc/{workers[0]}").exists():
@@ -126,6 +136,7 @@ def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) ->
                 break
             time.sleep(0.2)
         assert alive and alive != workers
+        assert _invocations(port) == 60, "a dead worker's counts stay in the sums"
     assert process.returncode == 0
     control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{process.pid}.sock"
     assert not control_socket.exists(), "a stopped provider leaves no socket behind"

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from faas_provider import __version__
 from faas_provider.api import functions, logs, namespaces, proxy, secrets
 from faas_provider.api.keys import BACKEND, METRICS, RESOLVER, SETTINGS, UPSTREAM
-from faas_provider.api.middleware import basic_auth, errors
+from faas_provider.api.middleware import basic_auth, errors, on_unix_socket
 from faas_provider.api.resolver import Resolver
 from faas_provider.backends.base import Backend
 from faas_provider.metrics import ProviderMetrics
@@ -60,6 +60,7 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
             web.get("/system/logs", logs.logs),
             web.get("/healthz", healthz),  # also answers HEAD
             web.get("/metrics", metrics_handler),
+            web.put("/system/workers/{worker}/metrics", worker_metrics),  # control socket only
             web.route("*", r"/function/{service:[-a-zA-Z_0-9.]+}", proxy.invoke),
             web.route("*", r"/function/{service:[-a-zA-Z_0-9.]+}/{path:.*}", proxy.invoke),
         ]
@@ -97,6 +98,15 @@ async def metrics_handler(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def worker_metrics(request: web.Request) -> web.Response:
+    """PUT /system/workers/{worker}/metrics: a worker's counts (faas_provider/metrics.py), on
+    the provider's control socket only."""
+    if not on_unix_socket(request):
+        return web.Response(status=403, text="workers report on the provider's control socket")
+    request.app[METRICS].report(request.match_info["worker"], await request.text())
+    return web.Response(status=204)
 
 
 @functools.cache

@@ -48,7 +48,7 @@ def basic_auth(user: str, password: str) -> Callable[..., Awaitable[web.StreamRe
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(OPEN_PREFIXES) or _on_unix_socket(request):
+        if request.path.startswith(OPEN_PREFIXES) or on_unix_socket(request):
             return await handler(request)
         given_user, given_password = _credentials(request.headers.get("Authorization", ""))
         user_ok = hmac.compare_digest(given_user, expected_user)
@@ -64,7 +64,8 @@ def basic_auth(user: str, password: str) -> Callable[..., Awaitable[web.StreamRe
     return check
 
 
-def _on_unix_socket(request: web.Request) -> bool:
+def on_unix_socket(request: web.Request) -> bool:
+    """Whether `request` came in on the provider's Unix control socket."""
     transport = request.transport
     return transport is not None and isinstance(transport.get_extra_info("sockname"), str)
 

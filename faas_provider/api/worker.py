@@ -3,7 +3,8 @@
 Workers share the provider's listening port (SO_REUSEPORT: the kernel spreads connections
 across them). A worker proxies /function/* itself, resolving replicas through the provider's
 control socket with a short cache, and passes every other request through to the provider
-unchanged, so there is one backend, one state, one set of /system metrics and one auth check.
+unchanged, so there is one backend, one state and one auth check. It counts the calls it
+proxies and reports the counts to the provider process, whose /metrics serves the sums.
 The provider starts them (`python -m faas_provider.api.worker`); they are not a user command.
 """
 
@@ -24,12 +25,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from faas_provider.api import proxy
-from faas_provider.api.keys import RESOLVER, SETTINGS, UPSTREAM
+from faas_provider.api.keys import METRICS, RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.limits import BodyTooLarge, system_limit
 from faas_provider.api.middleware import basic_auth
 from faas_provider.api.resolver import EndpointSource, Resolver
 from faas_provider.errors import NotFound, Unavailable
 from faas_provider.forwarding import bad_gateway, forward
+from faas_provider.metrics import REPORT_INTERVAL_S, ProviderMetrics
 from faas_provider.processes import watch_parent
 from faas_provider.settings import Settings, read_basic_auth
 from faas_provider.upstream import UpstreamError, UpstreamPool, parse_base_url
@@ -44,20 +46,27 @@ def create_worker_app(settings: Settings, control_socket: Path) -> web.Applicati
 
     The worker checks basic auth itself: the provider trusts what reaches its Unix socket.
     """
-    middlewares = []
+    metrics = ProviderMetrics(counted_prefix="/function/")
+    middlewares = [metrics.middleware]
     if settings.basic_auth:
         middlewares.append(basic_auth(*read_basic_auth(settings.secret_mount_path)))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024**2)
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     control = f"unix:{control_socket}"
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         pool = UpstreamPool()
         app[UPSTREAM] = pool
         app[RESOLVER] = Resolver(_endpoint_source(pool, control), ttl_s=ENDPOINT_TTL_S)
+        reporting = asyncio.create_task(_report_metrics(pool, control, metrics))
         try:
             yield
         finally:
+            reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporting
+            await _send_metrics(pool, control, metrics)  # the last counts, before it goes
             await pool.close()
 
     async def to_provider(request: web.Request) -> web.StreamResponse:
@@ -86,6 +95,25 @@ def create_worker_app(settings: Settings, control_socket: Path) -> web.Applicati
         ]
     )
     return app
+
+
+async def _report_metrics(pool: UpstreamPool, control: str, metrics: ProviderMetrics) -> None:
+    """Send this worker's counts to the provider process every REPORT_INTERVAL_S."""
+    while True:
+        await asyncio.sleep(REPORT_INTERVAL_S)
+        await _send_metrics(pool, control, metrics)
+
+
+async def _send_metrics(pool: UpstreamPool, control: str, metrics: ProviderMetrics) -> None:
+    target = f"/system/workers/{os.getpid()}/metrics"
+    headers = CIMultiDict({"Content-Type": "text/plain"})
+    try:
+        async with pool.request(
+            parse_base_url(control), "PUT", target, headers, metrics.exposition()
+        ) as response:
+            await response.read()
+    except UpstreamError as error:
+        log.warning("worker %d could not report its metrics: %s", os.getpid(), error)
 
 
 def _endpoint_source(pool: UpstreamPool, control: str) -> EndpointSource:
