@@ -17,9 +17,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from faas_provider.backends.base import ReplicaCounts
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNCOUNTED = ("/healthz", "/metrics")  # probes and scrapes: counting them counts only noise
@@ -65,6 +67,11 @@ class ProviderMetrics:
             buckets=INVOCATION_BUCKETS,
             registry=self.own,
         )
+
+    def watch_replicas(self, counts: Callable[[], dict[tuple[str, str], ReplicaCounts]]) -> None:
+        """Serve `fast_gshare_function_replicas{function_name,state}` from `counts` (the
+        backend's `replica_counts`), asked at each scrape."""
+        self.registry.register(_Replicas(counts))
 
     def report(self, worker: str, exposition: str) -> None:
         """Take a worker's counts (what its `own` registry exposes) in place of its last."""
@@ -138,3 +145,21 @@ def _empty_like(family: Metric) -> Metric:
 
 def _key(name: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
     return name, tuple(sorted(labels.items()))
+
+
+class _Replicas(Collector):
+    """Each function's replicas: desired, available, pending (for GPU room)."""
+
+    def __init__(self, counts: Callable[[], dict[tuple[str, str], ReplicaCounts]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> list[Metric]:
+        family = GaugeMetricFamily(
+            "fast_gshare_function_replicas",
+            "A function's replicas: desired, available (ready), pending (waiting for GPU room)",
+            labels=("function_name", "state"),
+        )
+        for (namespace, name), counts in sorted(self._counts().items()):
+            for state in ("desired", "available", "pending"):
+                family.add_metric((f"{name}.{namespace}", state), getattr(counts, state))
+        return [family]

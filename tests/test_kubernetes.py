@@ -141,6 +141,12 @@ async def test_a_restarted_provider_finds_functions_counts_and_placement_again(
             refused = await again.post("/function/third", data=b"")
             assert refused.status == 503
             assert "has 20 of 100 SM-time left" in await refused.text()
+            metrics = await (await again.get("/metrics")).text()
+            for state, count in (("desired", 1), ("available", 0), ("pending", 1)):
+                series = (
+                    f'fast_gshare_function_replicas{{function_name="third.{NS}",state="{state}"}}'
+                )
+                assert f"{series} {count}.0" in metrics
 
 
 async def test_replicas_spread_to_a_second_gpu_node_when_the_first_is_full(

@@ -4,11 +4,21 @@ and the values are read back through Prometheus' query API, as a dashboard reads
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from faas_provider.api.app import create_app
+from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.node.agent import NodeAgent
+from faas_provider.settings import Settings
 from tests.conftest import ECHO, faas_cli_deploy, wait_available
 from tests.prom import prometheus
+
+VIRTUAL = GpuDevice(
+    index=0, uuid="virtual-0", name="virtual", memory_bytes=16 * 1024**3, virtual=True
+)
 
 ECHO_NAME = 'function_name="echo.openfaas-fn"'
 
@@ -43,3 +53,29 @@ async def test_invocations_are_counted_per_function_and_code_in_prometheus(
             f"fast_gshare_function_invocation_duration_seconds_bucket{{{ECHO_NAME}}}))"
         )
         assert 0 < await server.value(latency) < 30, "p99 latency is answerable from the buckets"
+
+
+async def test_replicas_desired_available_and_pending_per_function(
+    aiohttp_client: Any, settings: Settings, functions_root: Path, tmp_path: Path
+) -> None:
+    backend = LocalBackend(
+        settings.local.state_dir, functions_root, node=NodeAgent([VIRTUAL], window_s=0.1)
+    )
+    client = await aiohttp_client(create_app(backend, settings))
+    async with prometheus(tmp_path, [f"127.0.0.1:{client.server.port}"]) as server:
+        shared = {**ECHO, "annotations": {"fastgshare/gpu_sm_partition": "60"}}
+        assert await faas_cli_deploy(client, {**shared, "service": "first"}) == 202
+        await wait_available(client, "first")
+        body = {**shared, "service": "second", "labels": {"com.openfaas.scale.min": "2"}}
+        assert await faas_cli_deploy(client, body) == 202
+        replicas = "fast_gshare_function_replicas{function_name=%r,state=%r}"
+        for function, state, expected in (
+            ("first.openfaas-fn", "desired", 1),
+            ("first.openfaas-fn", "available", 1),
+            ("first.openfaas-fn", "pending", 0),
+            ("second.openfaas-fn", "desired", 2),
+            ("second.openfaas-fn", "available", 0),
+            ("second.openfaas-fn", "pending", 2),
+        ):
+            query = (replicas % (function, state)).replace("'", '"')
+            assert await server.settled(query, expected) == expected, query

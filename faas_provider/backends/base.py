@@ -26,6 +26,15 @@ class LogQuery:
     follow: bool = False
 
 
+@dataclass(frozen=True)
+class ReplicaCounts:
+    """A function's replicas as the backend holds them now."""
+
+    desired: int
+    available: int  # ready to take requests
+    pending: int  # wanted, but no GPU has room for them yet
+
+
 class Backend(Protocol):
     """What a backend provides to the provider API. Every method may raise a ProviderError."""
 
@@ -94,3 +103,7 @@ class Backend(Protocol):
 
         NotFound when the function is unknown, Unavailable when no replica becomes ready.
         """
+
+    def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
+        """Every function's replicas by (namespace, name), from what the backend holds: no
+        I/O, so /metrics can ask at each scrape."""

@@ -29,7 +29,7 @@ import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from faas_provider.backends.base import LogQuery
+from faas_provider.backends.base import LogQuery, ReplicaCounts
 from faas_provider.backends.kubernetes.informer import Informer, Key, checked
 from faas_provider.backends.kubernetes.manifests import (
     GPU_LABEL,
@@ -271,6 +271,18 @@ class KubernetesBackend:
             raise Unavailable(f"no replica of function {where} is ready") from None
         return ready
 
+    def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
+        counts = {}
+        for (namespace, name), service in self._services.items.items():
+            desired = self._desired(service)
+            share = gpu_share(record_of(service))
+            waiting = share is not None and not share.exclusive
+            pending = max(0, desired - self._placed(name, namespace)) if waiting else 0
+            counts[(namespace, name)] = ReplicaCounts(
+                desired, self._available(name, namespace), pending
+            )
+        return counts
+
     # namespaces
 
     async def list_namespaces(self) -> list[str]:
@@ -505,15 +517,17 @@ class KubernetesBackend:
             for d in self._deployments_of(name, namespace)
         )
 
-    def _status(self, service: dict[str, Any]) -> FunctionStatus:
-        deployment = record_of(service)
-        name, namespace = deployment.service, deployment.namespace
-        available = sum(
+    def _available(self, name: str, namespace: str) -> int:
+        return sum(
             self._deployments.items[(namespace, d)].get("status", {}).get("availableReplicas", 0)
             for d in self._deployments_of(name, namespace)
         )
+
+    def _status(self, service: dict[str, Any]) -> FunctionStatus:
+        deployment = record_of(service)
+        name, namespace = deployment.service, deployment.namespace
         created = _parse_time(service["metadata"]["creationTimestamp"])
-        return deployment.status(self._desired(service), available, created)
+        return deployment.status(self._desired(service), self._available(name, namespace), created)
 
     def _ready_endpoints(self, name: str, namespace: str) -> list[str]:
         urls = []

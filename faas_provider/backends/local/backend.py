@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faas_provider.backends.base import LogQuery
+from faas_provider.backends.base import LogQuery, ReplicaCounts
 from faas_provider.backends.local.forkserver import DEFAULT_PRELOAD, ForkServer
 from faas_provider.backends.local.launch import launch_spec, on_gpu, python_environment
 from faas_provider.backends.local.logs import LogStore
@@ -251,6 +251,12 @@ class LocalBackend:
         function = self._function(name, namespace)
         ready = function.ready() or await self._wait_ready(function)
         return [replica.url for replica in ready]
+
+    def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
+        return {
+            key: ReplicaCounts(function.stored.replicas, len(function.ready()), function.pending)
+            for key, function in self._functions.items()
+        }
 
     # namespaces
 
