@@ -78,7 +78,7 @@ class Service:
         self._scratch.cleanup()
 
     async def gate(self, client: str, sm_percent: int) -> QuotaGate:
-        gate = QuotaGate(self.socket, Registration(GPU, client, sm_percent, 1.0, 1.0))
+        gate = QuotaGate(self.socket, Registration(GPU, client, sm_percent, 1.0, 1.0, client))
         await gate.connect()
         return gate
 

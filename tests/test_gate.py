@@ -21,7 +21,9 @@ from faas_provider.gate.service import TokenService
 
 
 def _gate(socket: Path, client: str, sm: int = 100) -> QuotaGate:
-    return QuotaGate(socket, Registration("GPU-test", client, sm, 1.0, 1.0), linger_s=0.001)
+    return QuotaGate(
+        socket, Registration("GPU-test", client, sm, 1.0, 1.0, f"{client}.test"), linger_s=0.001
+    )
 
 
 @contextlib.asynccontextmanager

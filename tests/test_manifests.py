@@ -153,7 +153,9 @@ def test_a_gpu_shared_deployment_pins_its_gpu_and_puts_the_gate_in_front() -> No
     assert gate["ports"] == [{"name": "http", "containerPort": 8099, "protocol": "TCP"}]
     assert gate["readinessProbe"]["httpGet"] == {"path": "/_/health", "port": "http"}
     parsed = gate_args(gate["args"])
-    assert Registration.from_args(parsed) == share.registration(UUID, "$(POD_NAME)")
+    assert Registration.from_args(parsed) == share.registration(
+        UUID, "$(POD_NAME)", "resnet50.openfaas-fn"
+    )
     assert parsed.upstream == "http://127.0.0.1:8080"
     assert (parsed.host, parsed.port) == ("0.0.0.0", 8099)
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (

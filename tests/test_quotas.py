@@ -25,6 +25,7 @@ from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.node.agent import NodeAgent
 from faas_provider.settings import Settings
 from tests.conftest import faas_cli_deploy, wait_available
+from tests.prom import prometheus
 
 WORK_S = 0.02  # the stand-in GPU time of one request
 CALLERS = 4  # closed-loop callers a function, as many as the runtime's default handler threads
@@ -179,3 +180,27 @@ async def test_limits_hold_with_requests_in_flight(
         gpu_client, kind, tmp_path / "gpu.lock", {"low": (0.3, 0.3), "high": (0.7, 0.7)}
     )
     assert shares["low"] == pytest.approx(0.3, abs=0.05), shares
+
+
+async def test_prometheus_sees_the_gpu_time_shares_the_scheduler_enforced(
+    gpu_client: TestClient, tmp_path: Path
+) -> None:
+    quotas = {"low": (0.3, 0.3), "high": (0.7, 0.7)}
+    async with prometheus(tmp_path, [f"127.0.0.1:{gpu_client.server.port}"]) as server:
+        shares = await work_shares(gpu_client, "threaded", tmp_path / "gpu.lock", quotas)
+        await asyncio.sleep(1.5)  # scrapes after the last request, the cores idle again
+        charged = {}
+        for name in quotas:
+            series = f'fast_gshare_gpu_time_seconds_total{{function_name="{name}.openfaas-fn"}}'
+            charged[name] = await server.value(series)
+        total = sum(charged.values())
+        seen = {name: seconds / total for name, seconds in charged.items()}
+        for name, (request, _) in quotas.items():
+            assert seen[name] == pytest.approx(request, abs=0.06), (seen, shares)
+            assert seen[name] == pytest.approx(shares[name], abs=0.06), "as the work done says"
+            ratio = await server.value(
+                f'fast_gshare_function_quota_request_ratio{{function_name="{name}.openfaas-fn"}}'
+            )
+            assert ratio == request
+        sm = 'fast_gshare_function_sm_share_ratio{function_name="low.openfaas-fn"}'
+        assert await server.value(sm) == 1.0

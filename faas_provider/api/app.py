@@ -27,6 +27,8 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
     """Build the provider app around `backend`; it starts and closes the backend with itself."""
     metrics = ProviderMetrics()
     metrics.watch_replicas(backend.replica_counts)
+    for collector in backend.metric_collectors():
+        metrics.registry.register(collector)
     middlewares = [metrics.middleware, errors]
     if settings.basic_auth:
         middlewares.insert(0, basic_auth(*read_basic_auth(settings.secret_mount_path)))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from prometheus_client.registry import Collector
+
 from faas_provider.models import FunctionDeployment, FunctionStatus, LogMessage, Secret
 
 
@@ -107,3 +109,7 @@ class Backend(Protocol):
     def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
         """Every function's replicas by (namespace, name), from what the backend holds: no
         I/O, so /metrics can ask at each scrape."""
+
+    def metric_collectors(self) -> list[Collector]:
+        """What the provider's /metrics serves of the backend beyond its replica counts (the
+        local backend: its in-process node agent's)."""

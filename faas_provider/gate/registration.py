@@ -27,10 +27,11 @@ class Registration:
     sm_percent: int  # 1..100
     quota_request: float  # guaranteed share of each window, 0 < request <= limit
     quota_limit: float  # most of each window, <= 1
+    function: str  # the replica's function, `name.namespace`
 
     def __post_init__(self) -> None:
-        if not self.gpu or not self.client:
-            raise BadRegistration("a registration names its GPU and its client")
+        if not self.gpu or not self.client or not self.function:
+            raise BadRegistration("a registration names its GPU, its client and its function")
         if not 1 <= self.sm_percent <= 100:
             raise BadRegistration(f"SM partition must be 1..100, not {self.sm_percent}")
         if not 0 < self.quota_request <= self.quota_limit <= 1:
@@ -47,6 +48,7 @@ class Registration:
             "--sm", str(self.sm_percent),
             "--request", str(self.quota_request),
             "--limit", str(self.quota_limit),
+            "--function", self.function,
         ]  # fmt: skip
 
     def message(self) -> bytes:
@@ -57,6 +59,7 @@ class Registration:
             "sm": self.sm_percent,
             "request": self.quota_request,
             "limit": self.quota_limit,
+            "function": self.function,
         }
         return json.dumps(fields).encode() + b"\n"
 
@@ -70,6 +73,7 @@ class Registration:
                 int(fields["sm"]),
                 float(fields["request"]),
                 float(fields["limit"]),
+                str(fields["function"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, BadRegistration):
@@ -84,8 +88,9 @@ class Registration:
         parser.add_argument("--sm", type=int, required=True, help="SM partition, percent")
         parser.add_argument("--request", type=float, required=True, help="guaranteed time share")
         parser.add_argument("--limit", type=float, required=True, help="most time share")
+        parser.add_argument("--function", required=True, help="its function, name.namespace")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Registration:
         """The registration of parsed gate flags."""
-        return cls(args.gpu, args.client, args.sm, args.request, args.limit)
+        return cls(args.gpu, args.client, args.sm, args.request, args.limit, args.function)

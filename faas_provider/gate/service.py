@@ -22,12 +22,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from faas_provider.gate.registration import Registration
 from faas_provider.gate.scheduler import QuotaScheduler
 
 log = logging.getLogger("fast_gshare.scheduler")
+
+
+@dataclass(frozen=True)
+class FunctionUsage:
+    """One function's use of one GPU, as its gates registered it and were charged."""
+
+    gpu: str
+    function: str  # name.namespace
+    share: Registration | None  # one of its gates' registration; None when none is left
+    charged_s: float  # GPU time charged to its gates since the service started
+    gates: int = 0  # gates registered now
 
 
 class TokenService:
@@ -40,6 +52,10 @@ class TokenService:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._server: asyncio.Server | None = None
         self._socket_path: Path | None = None
+        self._registered: dict[tuple[str, str], Registration] = {}  # by (gpu, client)
+        self._retired: dict[
+            tuple[str, str], float
+        ] = {}  # charged to gates gone, by (gpu, function)
 
     async def start(self, socket_path: Path) -> None:
         """Listen on `socket_path` (mode 0600)."""
@@ -60,6 +76,23 @@ class TokenService:
             await self._server.wait_closed()
         if self._socket_path is not None:
             self._socket_path.unlink(missing_ok=True)
+
+    def usage(self) -> list[FunctionUsage]:
+        """Each function's use of each GPU: its gates' share, and the GPU time charged to all
+        its gates since the service started (those gone included, so it only grows)."""
+        now = _now()
+        found: dict[tuple[str, str], FunctionUsage] = {
+            key: FunctionUsage(key[0], key[1], None, charged)
+            for key, charged in self._retired.items()
+        }
+        for (gpu, client), registration in self._registered.items():
+            charged = self._schedulers[gpu].charged_total(now).get(client, 0.0)
+            key = (gpu, registration.function)
+            held = found.get(key)
+            total = charged + (held.charged_s if held is not None else 0.0)
+            gates = 1 + (held.gates if held is not None else 0)
+            found[key] = FunctionUsage(gpu, registration.function, registration, total, gates)
+        return sorted(found.values(), key=lambda use: (use.gpu, use.function))
 
     def charged_total(self) -> dict[str, dict[str, float]]:
         """Seconds of GPU time charged to each registered client since it registered, by GPU."""
@@ -90,6 +123,7 @@ class TokenService:
             if old is not None:
                 old.close()
             self._writers[key] = writer
+            self._registered[key] = registration
             log.info("gate %s registered on GPU %s", client, gpu)
             while line := await reader.readline():
                 op = json.loads(line).get("op")
@@ -114,10 +148,21 @@ class TokenService:
         finally:
             if key is not None and self._writers.get(key) is writer:
                 del self._writers[key]
-                self._schedulers[key[0]].unregister(key[1], _now())
+                self._retire(key)
                 log.info("gate %s left GPU %s", key[1], key[0])
                 self._kick(key[0])
             writer.close()
+
+    def _retire(self, key: tuple[str, str]) -> None:
+        """Remove gate `key` (gpu, client), keeping what it was charged in its function's sum."""
+        gpu, client = key
+        now = _now()
+        scheduler = self._schedulers[gpu]
+        registration = self._registered.pop(key)
+        charged = scheduler.charged_total(now).get(client, 0.0)
+        retired = (gpu, registration.function)
+        self._retired[retired] = self._retired.get(retired, 0.0) + charged
+        scheduler.unregister(client, now)
 
     def _kick(self, gpu: str) -> None:
         """Hand out what tokens can be granted now, ask idle holders in the way of a waiting

@@ -58,9 +58,12 @@ class GpuShare:
         """SM-percent times guaranteed time share: a whole GPU is 100."""
         return self.sm_percent * self.quota_request
 
-    def registration(self, gpu: str, client: str) -> Registration:
-        """What the gate of replica `client` on GPU `gpu` tells that GPU's token scheduler."""
-        return Registration(gpu, client, self.sm_percent, self.quota_request, self.quota_limit)
+    def registration(self, gpu: str, client: str, function: str) -> Registration:
+        """What the gate of replica `client` of `function` (`name.namespace`) on GPU `gpu`
+        tells that GPU's token scheduler."""
+        return Registration(
+            gpu, client, self.sm_percent, self.quota_request, self.quota_limit, function
+        )
 
 
 def parse_quantity(text: str) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from faas_provider.gate.service import TokenService
+from faas_provider.gate.service import FunctionUsage, TokenService
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.mps import CONTROL_BINARY, MpsDaemon, MpsError, ServerLoss, pipe_dir
 
@@ -126,6 +126,10 @@ class NodeAgent:
         """Where the MPS daemons keep their pipe and log directories, one per GPU."""
         assert self._run_dir is not None, "NodeAgent used before start()"
         return Path(self._run_dir.mps_dir)
+
+    def usage(self) -> list[FunctionUsage]:
+        """Each function's share and use of each GPU, from the token service."""
+        return self._tokens.usage()
 
     def daemon(self, index: int) -> MpsDaemon | None:
         """The MPS daemon of GPU `index`, if it has one."""

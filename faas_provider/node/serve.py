@@ -17,18 +17,21 @@ from pathlib import Path
 
 from aiohttp import web
 from kubernetes_asyncio import client, config
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from faas_provider.backends.kubernetes.node_api import publish_gpus, recycle_pods
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.mps import CONTROL_BINARY, ServerLoss
 from faas_provider.node.agent import NodeAgent
+from faas_provider.node.metrics import NodeCollector
 
 log = logging.getLogger("fast_gshare.node")
 
 
-def create_node_app(agent: NodeAgent) -> web.Application:
-    """`/healthz` (200 while the token service listens) and `/metrics`."""
+def create_node_app(agent: NodeAgent, node: str | None = None) -> web.Application:
+    """`/healthz` (200 while the token service listens) and `/metrics` (node/metrics.py)."""
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(agent, node))
 
     async def healthz(request: web.Request) -> web.Response:
         if not agent.token_socket.exists():
@@ -36,7 +39,8 @@ def create_node_app(agent: NodeAgent) -> web.Application:
         return web.Response(text="ok")
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
@@ -65,7 +69,7 @@ async def running_node(
             await recycle_pods(api, node, device.uuid)
 
         agent.on_lost = on_lost
-    runner = web.AppRunner(create_node_app(agent), access_log=None)
+    runner = web.AppRunner(create_node_app(agent, node), access_log=None)
     try:
         await agent.start()
         await runner.setup()

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client.registry import Collector
 
 from faas_provider.backends.base import LogQuery, ReplicaCounts
 from faas_provider.backends.kubernetes.informer import Informer, Key, checked
@@ -270,6 +271,9 @@ class KubernetesBackend:
                 ) from None
             raise Unavailable(f"no replica of function {where} is ready") from None
         return ready
+
+    def metric_collectors(self) -> list[Collector]:
+        return []  # each node agent serves its GPUs' metrics itself
 
     def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
         counts = {}

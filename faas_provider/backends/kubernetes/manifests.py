@@ -144,7 +144,7 @@ def function_deployment(
             {"name": "fast-gshare-mps", "mountPath": pipe},
             {"name": "fast-gshare-shm", "mountPath": "/dev/shm"},
         ]
-        registration = share.registration(gpu.uuid, "$(POD_NAME)")
+        registration = share.registration(gpu.uuid, "$(POD_NAME)", f"{name}.{deployment.namespace}")
         gate_args = ["--host", "0.0.0.0", "--port", str(GATE_PORT)]
         gate_args += ["--upstream", f"http://127.0.0.1:{FUNCTION_PORT}"]
         gate_args += ["--token-socket", str(paths.token_socket), *registration.argv()]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.registry import Collector
+
 from faas_provider.backends.base import LogQuery, ReplicaCounts
 from faas_provider.backends.local.forkserver import DEFAULT_PRELOAD, ForkServer
 from faas_provider.backends.local.launch import launch_spec, on_gpu, python_environment
@@ -54,6 +56,7 @@ from faas_provider.models import (
     utcnow,
 )
 from faas_provider.node.agent import NodeAgent
+from faas_provider.node.metrics import NodeCollector
 from faas_provider.upstream import UpstreamPool
 
 log = logging.getLogger("fast_gshare.local")
@@ -252,6 +255,9 @@ class LocalBackend:
         ready = function.ready() or await self._wait_ready(function)
         return [replica.url for replica in ready]
 
+    def metric_collectors(self) -> list[Collector]:
+        return [NodeCollector(self._node)]
+
     def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
         return {
             key: ReplicaCounts(function.stored.replicas, len(function.ready()), function.pending)
@@ -386,7 +392,8 @@ class LocalBackend:
                 self._report_pending(function, instance, device)
                 return None
             log.info("replica %s placed on GPU %d (%s)", key, device.index, device.uuid)
-            spec = on_gpu(spec, device, function.share, self._node, key)
+            where = f"{deployment.service}.{deployment.namespace}"
+            spec = on_gpu(spec, device, function.share, self._node, key, where)
         function.next_index += 1
         replica = Replica(
             instance,

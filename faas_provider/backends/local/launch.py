@@ -81,11 +81,17 @@ def launch_spec(
 
 
 def on_gpu(
-    spec: LaunchSpec, device: GpuDevice, share: GpuShare, node: NodeAgent, client: str
+    spec: LaunchSpec,
+    device: GpuDevice,
+    share: GpuShare,
+    node: NodeAgent,
+    client: str,
+    function: str,
 ) -> LaunchSpec:
-    """`spec` for replica `client` placed on `device`: an MPS client of that GPU's daemon with
-    its SM partition and memory cap (on a real GPU), behind a gate registered with the node's
-    token service (unless it holds the GPU whole: nobody to share time with)."""
+    """`spec` for replica `client` of `function` (`name.namespace`) placed on `device`: an
+    MPS client of that GPU's daemon with its SM partition and memory cap (on a real GPU),
+    behind a gate registered with the node's token service (unless it holds the GPU whole:
+    nobody to share time with)."""
     daemon = node.daemon(device.index)
     if daemon is not None and not share.exclusive:
         env = daemon.client_env(share.sm_percent, share.memory_bytes)
@@ -95,7 +101,7 @@ def on_gpu(
     if not share.exclusive:
         gate_argv = [sys.executable, "-m", "faas_provider.gate"]
         gate_argv += ["--token-socket", str(node.token_socket)]
-        gate_argv += share.registration(device.uuid, client).argv()
+        gate_argv += share.registration(device.uuid, client, function).argv()
         gate_argv += ["--parent-pid", str(os.getpid())]
     return replace(spec, env={**spec.env, **env}, gate_argv=gate_argv)
 

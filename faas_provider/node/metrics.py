@@ -1,0 +1,71 @@
+"""The node agent's Prometheus metrics: its GPUs, and each function's share and use of them.
+
+Served by `fast-gshare node` at /metrics on a cluster, and by the provider's /metrics with
+the local backend, whose agent runs inside it. Labels: `function_name` (`name.namespace`, as
+the gateway's), `gpu` (the UUID) and `node`.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from faas_provider.node.agent import NodeAgent
+
+
+class NodeCollector(Collector):
+    """What a scrape sees of one node agent."""
+
+    def __init__(self, agent: NodeAgent, node: str | None = None) -> None:
+        self._agent = agent
+        self._node = node or socket.gethostname()
+
+    def collect(self) -> list[Metric]:
+        labels = ("function_name", "gpu", "node")
+        charged = CounterMetricFamily(
+            "fast_gshare_gpu_time_seconds",
+            "GPU time charged to a function's gates on a GPU (its rate is the share it used)",
+            labels=labels,
+        )
+        sm = GaugeMetricFamily(
+            "fast_gshare_function_sm_share_ratio",
+            "A function's SM partition on a GPU (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE / 100)",
+            labels=labels,
+        )
+        request = GaugeMetricFamily(
+            "fast_gshare_function_quota_request_ratio",
+            "A function's guaranteed share of each scheduling window on a GPU",
+            labels=labels,
+        )
+        limit = GaugeMetricFamily(
+            "fast_gshare_function_quota_limit_ratio",
+            "The most of each scheduling window a function may use on a GPU",
+            labels=labels,
+        )
+        gates = GaugeMetricFamily(
+            "fast_gshare_function_gates",
+            "A function's replicas registered with a GPU's token scheduler",
+            labels=labels,
+        )
+        for use in self._agent.usage():
+            where = (use.function, use.gpu, self._node)
+            charged.add_metric(where, use.charged_s)
+            gates.add_metric(where, use.gates)
+            if use.share is not None:
+                sm.add_metric(where, use.share.sm_percent / 100)
+                request.add_metric(where, use.share.quota_request)
+                limit.add_metric(where, use.share.quota_limit)
+        mps = GaugeMetricFamily(
+            "fast_gshare_mps_daemon_up",
+            "Whether a GPU's MPS control daemon runs (1) or not (0)",
+            labels=("gpu", "node"),
+        )
+        for device in self._agent.devices:
+            if not device.virtual:
+                daemon = self._agent.daemon(device.index)
+                mps.add_metric(
+                    (device.uuid, self._node), int(daemon is not None and daemon.running())
+                )
+        return [charged, sm, request, limit, gates, mps]
