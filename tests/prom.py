@@ -99,9 +99,9 @@ async def prometheus(directory: Path, targets: list[str]) -> AsyncIterator[Prome
                         break
             await asyncio.sleep(0.1)
         else:
-            raise RuntimeError(
-                f"Prometheus did not start: {(directory / 'prometheus.log').read_text()[-2000:]}"
-            )
+            raise RuntimeError(f"Prometheus did not start: {log.read_text()[-2000:]}")
+        scraped = await server.settled("count(up == 1)", len(targets))
+        assert scraped == len(targets), f"Prometheus scraped {scraped} of {targets}"
         yield server
     finally:
         if process.returncode is None:
