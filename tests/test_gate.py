@@ -238,3 +238,35 @@ async def test_the_service_reports_the_gpu_time_charged_to_each_gate(tmp_path: P
     assert set(charged) == {"worker", "idler"}
     assert 0.15 <= charged["worker"] < 0.5, "three requests of 50 ms, and little else"
     assert charged["idler"] == 0.0
+
+
+async def test_the_service_counts_how_long_each_functions_gates_waited_for_tokens(
+    tmp_path: Path,
+) -> None:
+    socket = tmp_path / "tokens.sock"
+    service = TokenService(window_s=1.0)
+    await service.start(socket)
+    holder, waiter = _gate(socket, "holder"), _gate(socket, "waiter")
+    try:
+        for gate in (holder, waiter):
+            await gate.connect()
+        await holder.__aenter__()  # holds the whole GPU
+        entered = asyncio.Event()
+
+        async def wait_for_token() -> None:
+            async with waiter:
+                entered.set()
+
+        task = asyncio.create_task(wait_for_token())
+        await asyncio.sleep(0.3)
+        await holder.__aexit__(None, None, None)  # the waiter is granted once the holder is done
+        await asyncio.wait_for(entered.wait(), 2.0)
+        await task
+        usage = {use.function: use for use in service.usage()}
+        assert usage["holder.test"].grants == 1 and usage["holder.test"].waited_s < 0.1
+        assert usage["waiter.test"].grants == 1
+        assert 0.25 <= usage["waiter.test"].waited_s < 1.0, usage["waiter.test"]
+    finally:
+        for gate in (holder, waiter):
+            await gate.close()
+        await service.close()

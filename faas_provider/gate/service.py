@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from faas_provider.gate.registration import Registration
@@ -40,6 +40,8 @@ class FunctionUsage:
     share: Registration | None  # one of its gates' registration; None when none is left
     charged_s: float  # GPU time charged to its gates since the service started
     gates: int = 0  # gates registered now
+    waited_s: float = 0.0  # seconds its gates waited for tokens, since the service started
+    grants: int = 0  # tokens granted to its gates, since the service started
 
 
 class TokenService:
@@ -53,9 +55,11 @@ class TokenService:
         self._server: asyncio.Server | None = None
         self._socket_path: Path | None = None
         self._registered: dict[tuple[str, str], Registration] = {}  # by (gpu, client)
-        self._retired: dict[
-            tuple[str, str], float
-        ] = {}  # charged to gates gone, by (gpu, function)
+        # by (gpu, function): GPU time charged to its gates that have gone; seconds its gates
+        # waited for tokens, and tokens granted
+        self._retired: dict[tuple[str, str], float] = {}
+        self._waits: dict[tuple[str, str], list[float]] = {}
+        self._asked: dict[tuple[str, str], float] = {}  # by (gpu, client): asked for a token at
 
     async def start(self, socket_path: Path) -> None:
         """Listen on `socket_path` (mode 0600)."""
@@ -92,6 +96,9 @@ class TokenService:
             total = charged + (held.charged_s if held is not None else 0.0)
             gates = 1 + (held.gates if held is not None else 0)
             found[key] = FunctionUsage(gpu, registration.function, registration, total, gates)
+        for key, (waited, grants) in self._waits.items():
+            held = found.get(key, FunctionUsage(key[0], key[1], None, 0.0))
+            found[key] = replace(held, waited_s=waited, grants=int(grants))
         return sorted(found.values(), key=lambda use: (use.gpu, use.function))
 
     def charged_total(self) -> dict[str, dict[str, float]]:
@@ -128,6 +135,7 @@ class TokenService:
             while line := await reader.readline():
                 op = json.loads(line).get("op")
                 if op == "acquire":
+                    self._asked.setdefault(key, _now())
                     scheduler.want(client, _now())
                 elif op == "renew":
                     now = _now()
@@ -153,12 +161,22 @@ class TokenService:
                 self._kick(key[0])
             writer.close()
 
+    def _granted(self, key: tuple[str, str], now: float) -> None:
+        """Count a grant to gate `key`, and how long it waited for it, for its function."""
+        asked = self._asked.pop(key, now)
+        registration = self._registered.get(key)
+        if registration is not None:
+            waits = self._waits.setdefault((key[0], registration.function), [0.0, 0])
+            waits[0] += now - asked
+            waits[1] += 1
+
     def _retire(self, key: tuple[str, str]) -> None:
         """Remove gate `key` (gpu, client), keeping what it was charged in its function's sum."""
         gpu, client = key
         now = _now()
         scheduler = self._schedulers[gpu]
         registration = self._registered.pop(key)
+        self._asked.pop(key, None)
         charged = scheduler.charged_total(now).get(client, 0.0)
         retired = (gpu, registration.function)
         self._retired[retired] = self._retired.get(retired, 0.0) + charged
@@ -172,6 +190,7 @@ class TokenService:
         messages: dict[str, bytes] = {}
         for grant in scheduler.schedule(now):
             messages[grant.client] = b'{"lease_s": %.6f}\n' % max(0.0, grant.lease_end - now)
+            self._granted((gpu, grant.client), now)
         for client in scheduler.in_the_way(now):
             messages[client] = messages.get(client, b"") + b'{"op": "yield"}\n'
         for client, message in messages.items():

@@ -49,9 +49,21 @@ class NodeCollector(Collector):
             "A function's replicas registered with a GPU's token scheduler",
             labels=labels,
         )
+        waited = CounterMetricFamily(
+            "fast_gshare_gate_wait_seconds",
+            "Seconds a function's gates waited for tokens of a GPU's scheduler",
+            labels=labels,
+        )
+        grants = CounterMetricFamily(
+            "fast_gshare_gate_grants",
+            "Tokens a GPU's scheduler granted to a function's gates (wait / grants: the mean wait)",
+            labels=labels,
+        )
         for use in self._agent.usage():
             where = (use.function, use.gpu, self._node)
             charged.add_metric(where, use.charged_s)
+            waited.add_metric(where, use.waited_s)
+            grants.add_metric(where, use.grants)
             gates.add_metric(where, use.gates)
             if use.share is not None:
                 sm.add_metric(where, use.share.sm_percent / 100)
@@ -68,4 +80,4 @@ class NodeCollector(Collector):
                 mps.add_metric(
                     (device.uuid, self._node), int(daemon is not None and daemon.running())
                 )
-        return [charged, sm, request, limit, gates, mps]
+        return [charged, sm, request, limit, gates, waited, grants, mps]
