@@ -12,6 +12,7 @@ that ends keeps its last report in the sums, so counters never go back.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from faas_provider.backends.base import ReplicaCounts
+from faas_provider.gpu.placement import Placer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNCOUNTED = ("/healthz", "/metrics")  # probes and scrapes: counting them counts only noise
@@ -163,3 +165,33 @@ class _Replicas(Collector):
             for state in ("desired", "available", "pending"):
                 family.add_metric((f"{name}.{namespace}", state), getattr(counts, state))
         return [family]
+
+
+class PlacementCollector(Collector):
+    """Each GPU's room as placement holds it: SM-time footprint allocated, memory allocated and
+    total."""
+
+    def __init__(self, placer: Callable[[], Placer]) -> None:
+        self._placer = placer
+
+    def collect(self) -> list[Metric]:
+        labels = ("gpu", "node")
+        footprint = GaugeMetricFamily(
+            "fast_gshare_gpu_footprint_allocated_ratio",
+            "SM-time footprint placed on a GPU (SM share x quota request, summed), of 1",
+            labels=labels,
+        )
+        allocated = GaugeMetricFamily(
+            "fast_gshare_gpu_memory_allocated_bytes",
+            "GPU memory the caps of the replicas placed on a GPU add up to",
+            labels=labels,
+        )
+        total = GaugeMetricFamily(
+            "fast_gshare_gpu_memory_total_bytes", "A GPU's memory", labels=labels
+        )
+        for load in self._placer().loads:
+            where = (load.device.uuid, load.device.node or socket.gethostname())
+            footprint.add_metric(where, load.footprint / 100)
+            allocated.add_metric(where, load.memory_bytes)
+            total.add_metric(where, load.device.memory_bytes)
+        return [footprint, allocated, total]

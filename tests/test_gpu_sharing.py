@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from faas_provider.api.app import create_app
 from faas_provider.backends.local import replica as replica_module
@@ -344,6 +346,18 @@ async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_reque
     assert_untouched(calls["echo"], None)
     logs = await (await client.get("/system/logs?name=steer")).text()
     assert "restarting" in logs
+    metrics = await (await client.get("/metrics")).text()
+    where = (("gpu", "GPU-fake-0"), ("node", socket.gethostname()))
+    seen = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    assert seen[("fast_gshare_mps_server_losses_total", where)] == 1
+    assert seen[("fast_gshare_mps_daemon_up", where)] == 1
+    assert seen[("fast_gshare_gpu_footprint_allocated_ratio", where)] == 0.5
+    assert seen[("fast_gshare_gpu_memory_allocated_bytes", where)] == 1.5 * 1024**3
+    assert seen[("fast_gshare_gpu_memory_total_bytes", where)] == 16 * 1024**3
 
 
 async def test_an_mps_fault_on_one_gpu_leaves_another_gpus_replicas_serving(

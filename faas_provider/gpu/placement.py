@@ -80,6 +80,11 @@ class Placer:
         self._loads = [GpuLoad(device) for device in devices]
         self._placed: dict[str, GpuLoad] = {}
 
+    @property
+    def loads(self) -> list[GpuLoad]:
+        """What is placed on each GPU."""
+        return list(self._loads)
+
     def check(self, share: GpuShare) -> None:
         """InvalidRequest when no GPU could hold `share` even empty."""
         if fits_when_empty(share, self.devices):

@@ -81,6 +81,7 @@ class NodeAgent:
         self._mps: dict[int, MpsDaemon] = {}
         self._watchers: list[asyncio.Task[None]] = []
         self.on_lost: LossHook | None = None
+        self.losses: dict[str, int] = {}  # by GPU UUID: how often its MPS clients lost their server
 
     async def start(self) -> None:
         """Start the token service and, on real GPUs, one MPS daemon per GPU."""
@@ -137,6 +138,7 @@ class NodeAgent:
 
     def _lost_on(self, device: GpuDevice) -> Callable[[ServerLoss], Awaitable[None]]:
         async def recycle(loss: ServerLoss) -> None:
+            self.losses[device.uuid] = self.losses.get(device.uuid, 0) + 1
             if self.on_lost is not None:
                 await self.on_lost(device, loss)
 

@@ -74,10 +74,17 @@ class NodeCollector(Collector):
             "Whether a GPU's MPS control daemon runs (1) or not (0)",
             labels=("gpu", "node"),
         )
+        losses = CounterMetricFamily(
+            "fast_gshare_mps_server_losses",
+            "Times a GPU's MPS clients lost their server (a fatal fault, the server or its "
+            "daemon gone), each followed by a restart of that GPU's replicas",
+            labels=("gpu", "node"),
+        )
         for device in self._agent.devices:
             if not device.virtual:
+                losses.add_metric((device.uuid, self._node), self._agent.losses.get(device.uuid, 0))
                 daemon = self._agent.daemon(device.index)
                 mps.add_metric(
                     (device.uuid, self._node), int(daemon is not None and daemon.running())
                 )
-        return [charged, sm, request, limit, gates, waited, grants, mps]
+        return [charged, sm, request, limit, gates, waited, grants, mps, losses]

@@ -47,6 +47,7 @@ from faas_provider.errors import Conflict, InvalidRequest, NotFound, ProviderErr
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.placement import Placer, spread
 from faas_provider.gpu.share import GpuShare, gpu_share
+from faas_provider.metrics import PlacementCollector
 from faas_provider.models import (
     FUNCTION_LABEL,
     FunctionDeployment,
@@ -273,7 +274,8 @@ class KubernetesBackend:
         return ready
 
     def metric_collectors(self) -> list[Collector]:
-        return []  # each node agent serves its GPUs' metrics itself
+        # placement is the provider's; each node agent serves its GPUs' other metrics itself
+        return [PlacementCollector(self._placer)]
 
     def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
         counts = {}

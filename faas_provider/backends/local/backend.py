@@ -45,6 +45,7 @@ from faas_provider.gpu.discovery import GpuDevice, discover_gpus
 from faas_provider.gpu.mps import ServerLoss
 from faas_provider.gpu.placement import Placer
 from faas_provider.gpu.share import GpuShare, gpu_share
+from faas_provider.metrics import PlacementCollector
 from faas_provider.models import (
     FunctionDeployment,
     FunctionStatus,
@@ -256,7 +257,7 @@ class LocalBackend:
         return [replica.url for replica in ready]
 
     def metric_collectors(self) -> list[Collector]:
-        return [NodeCollector(self._node)]
+        return [NodeCollector(self._node), PlacementCollector(lambda: self._placer)]
 
     def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
         return {
