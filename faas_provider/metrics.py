@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -161,10 +161,19 @@ class _Replicas(Collector):
             "A function's replicas: desired, available (ready), pending (waiting for GPU room)",
             labels=("function_name", "state"),
         )
+        restarts = CounterMetricFamily(
+            "fast_gshare_function_restarts",
+            "Restarts of a function's replicas, by reason: exited, unhealthy (failed its "
+            "health checks), recycled (its GPU's MPS server was lost)",
+            labels=("function_name", "reason"),
+        )
         for (namespace, name), counts in sorted(self._counts().items()):
+            function = f"{name}.{namespace}"
             for state in ("desired", "available", "pending"):
-                family.add_metric((f"{name}.{namespace}", state), getattr(counts, state))
-        return [family]
+                family.add_metric((function, state), getattr(counts, state))
+            for reason, count in sorted(counts.restarts.items()):
+                restarts.add_metric((function, reason), count)
+        return [family, restarts]
 
 
 class PlacementCollector(Collector):

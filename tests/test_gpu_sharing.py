@@ -358,6 +358,8 @@ async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_reque
     assert seen[("fast_gshare_gpu_footprint_allocated_ratio", where)] == 0.5
     assert seen[("fast_gshare_gpu_memory_allocated_bytes", where)] == 1.5 * 1024**3
     assert seen[("fast_gshare_gpu_memory_total_bytes", where)] == 16 * 1024**3
+    steer_labels = (("function_name", "steer.openfaas-fn"), ("reason", "recycled"))
+    assert seen[("fast_gshare_function_restarts_total", steer_labels)] == 1
 
 
 async def test_an_mps_fault_on_one_gpu_leaves_another_gpus_replicas_serving(

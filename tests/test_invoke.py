@@ -113,6 +113,11 @@ async def test_crash_mid_request_is_502_and_other_functions_keep_serving(
     await wait_available(client, "steer")
     again = await client.post("/function/steer", data=b"")
     assert again.status == 200
+    metrics = await (await client.get("/metrics")).text()
+    exited = (
+        'fast_gshare_function_restarts_total{function_name="steer.openfaas-fn",reason="exited"}'
+    )
+    assert f"{exited} 1.0" in metrics, "the restart shows in /metrics, with its reason"
 
 
 async def test_no_cookie_or_header_of_one_call_reaches_another(client: TestClient) -> None:

@@ -7,7 +7,7 @@ the Kubernetes backend implement it. Its methods raise the errors of faas_provid
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -35,6 +35,7 @@ class ReplicaCounts:
     desired: int
     available: int  # ready to take requests
     pending: int  # wanted, but no GPU has room for them yet
+    restarts: dict[str, int] = field(default_factory=dict)  # by reason, since the provider started
 
 
 class Backend(Protocol):

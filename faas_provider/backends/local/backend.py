@@ -12,6 +12,7 @@ import asyncio
 import logging
 import shutil
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ class LocalFunction:
     pending_reason: str | None = None  # why they wait, while they do
     next_index: int = 0
     rollout: asyncio.Task[None] | None = None
+    restarts: Counter[str] = field(default_factory=Counter)  # of replicas stopped since
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
@@ -260,10 +262,16 @@ class LocalBackend:
         return [NodeCollector(self._node), PlacementCollector(lambda: self._placer)]
 
     def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
-        return {
-            key: ReplicaCounts(function.stored.replicas, len(function.ready()), function.pending)
-            for key, function in self._functions.items()
-        }
+        counts = {}
+        for key, function in self._functions.items():
+            restarts = function.restarts.copy()
+            for replica in function.replicas + function.retiring:
+                restarts.update(replica.restarts)
+            ready = len(function.ready())
+            counts[key] = ReplicaCounts(
+                function.stored.replicas, ready, function.pending, dict(restarts)
+            )
+        return counts
 
     # namespaces
 
@@ -462,6 +470,7 @@ class LocalBackend:
     async def _stop_replica(self, function: LocalFunction, replica: Replica) -> None:
         """Stop a replica for good, free its GPU room and start what was waiting for it."""
         await replica.stop()
+        function.restarts.update(replica.restarts)
         # by key, not by the function's current share: an update may have dropped the GPU
         if self._placer.release(_placement_key(function.deployment, replica.instance)):
             self._place_pending()

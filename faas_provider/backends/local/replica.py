@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
@@ -106,8 +107,9 @@ class Replica:
         self._exits: asyncio.Queue[_Exit] = asyncio.Queue()
         self._helpers: set[asyncio.Task[None]] = set()
         self._recycled = False
+        self._unhealthy = False
         self._ending: asyncio.Task[None] | None = None
-        self.restarts = 0
+        self.restarts: Counter[str] = Counter()  # by reason: exited, unhealthy, recycled
 
     @property
     def ready(self) -> bool:
@@ -156,7 +158,9 @@ class Replica:
             code, last_line = await self._run_once()
             if self._stopping:
                 return
-            self.restarts += 1
+            reason = "recycled" if self._recycled else "unhealthy" if self._unhealthy else "exited"
+            self.restarts[reason] += 1
+            self._unhealthy = False
             if self._recycled:  # asked for, not a crash: at once, and no longer backoff after
                 self._recycled = False
                 log.info("replica %s recycled; starting it again", self.instance)
@@ -286,6 +290,7 @@ class Replica:
                         failures,
                         failure,
                     )
+                    self._unhealthy = True
                     await self._terminate()
                     return
                 if failures == 1:
