@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ from faas_provider.node.serve import running_node
 from faas_provider.processes import stop_on_signals
 from faas_provider.settings import Settings
 from faas_provider.stack import StackError, load_stack
+from faas_provider.top import top
 
 log = logging.getLogger("fast_gshare")
 
@@ -152,6 +154,24 @@ def _parser() -> argparse.ArgumentParser:
         help=f"image of the gate sidecar and of the node agent (default {GATE_IMAGE})",
     )
     render.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+    top_command = commands.add_parser(
+        "top",
+        help="show who uses each GPU, refreshed every second (from the provider's /metrics)",
+    )
+    top_command.add_argument(
+        "--url",
+        default=os.environ.get("FAST_GSHARE_URL", "http://127.0.0.1:8081"),
+        help="the provider (env FAST_GSHARE_URL; default http://127.0.0.1:8081)",
+    )
+    top_command.add_argument(
+        "--node-metrics",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a node agent's metrics too, on a cluster (repeatable; e.g. http://NODE:9402)",
+    )
+    top_command.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
+    top_command.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
     node = commands.add_parser(
         "node",
         help="run the node agent: MPS daemons, the token service and the fault watch of this "
@@ -213,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "node":
         asyncio.run(_node(args))
+        return
+    if args.command == "top":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(top([args.url, *args.node_metrics], args.interval))
         return
     functions_dir = args.functions_dir or (
         args.stack.parent / "functions" if args.stack else Path("functions")
