@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from faas_provider import __version__
-from faas_provider.api.app import create_app
+from faas_provider.api.app import create_app, create_metrics_app
 from faas_provider.api.worker import WorkerPool
 from faas_provider.backends.base import Backend
 from faas_provider.backends.factory import create_backend
@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--stack", type=Path, help="faas-cli stack file whose functions to deploy")
     up.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     up.add_argument("--port", type=int, default=8081, help="port to listen on (8081)")
+    up.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="also serve /metrics, and nothing else, there (for a Prometheus that cannot "
+        "reach --host, e.g. 0.0.0.0:8083 in the gateway's pod)",
+    )
     up.add_argument(
         "--state-dir", type=Path, default=default_state_dir(), help="where state is kept"
     )
@@ -264,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
             stack = load_stack(args.stack)
         except StackError as error:
             raise SystemExit(f"fast-gshare: {error}") from error
-    asyncio.run(_up(settings, stack))
+    metrics_address = _address(args.metrics_address) if args.metrics_address else None
+    asyncio.run(_up(settings, stack, metrics_address))
 
 
 async def _node(args: argparse.Namespace) -> None:
@@ -300,7 +307,19 @@ def _render(args: argparse.Namespace) -> None:
         raise SystemExit(f"fast-gshare render: {error}") from error
 
 
-async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
+def _address(text: str) -> tuple[str, int]:
+    """A HOST:PORT flag; SystemExit saying what to write instead."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(
+            f"fast-gshare: --metrics-address {text!r}: write HOST:PORT, e.g. 0.0.0.0:8083"
+        )
+    return host.strip("[]"), int(port)
+
+
+async def _up(
+    settings: Settings, stack: list[FunctionDeployment], metrics_address: tuple[str, int] | None
+) -> None:
     several = settings.workers > 1
     base = f"http://{settings.host}:{settings.port}"
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -313,13 +332,20 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
             f"fast-gshare: cannot listen on {base}: {error.strerror}; choose another --port"
         ) from None
     backend = create_backend(settings)
-    runner = web.AppRunner(create_app(backend, settings), access_log=None)
+    app = create_app(backend, settings)
+    runner = web.AppRunner(app, access_log=None)
     try:
         await runner.setup()
     except StateDirInUse as error:
         listener.close()
         raise SystemExit(f"fast-gshare: {error}") from None
     await web.SockSite(runner, listener).start()
+    metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
+    if metrics_address is not None:
+        host, port = metrics_address
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, host, port).start()
+        log.info("metrics also on http://%s:%d/metrics", host, port)
     log.info("provider listening on %s (%s backend)", base, settings.backend)
     workers: WorkerPool | None = None
     control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{os.getpid()}.sock"
@@ -336,6 +362,7 @@ async def _up(settings: Settings, stack: list[FunctionDeployment]) -> None:
     finally:
         if workers is not None:
             await workers.stop()
+        await metrics_runner.cleanup()
         await runner.cleanup()
         control_socket.unlink(missing_ok=True)
 

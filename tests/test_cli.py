@@ -102,6 +102,24 @@ def test_up_serves_the_stack_and_a_restart_keeps_it(tmp_path: Path) -> None:
         assert json.loads(body)["replicas"] == 2
 
 
+def test_metrics_can_be_served_at_a_second_address_alone(tmp_path: Path) -> None:
+    metrics_port = _free_port()
+    extra = ("--metrics-address", f"127.0.0.1:{metrics_port}")
+    with provider(tmp_path, *extra) as (_, port):
+        _wait_ready(port, "echo")
+        assert _call(port, "/function/echo", b"hi", "POST") == (200, "hi")
+        status, text = _call(metrics_port, "/metrics")
+        assert status == 200
+        series = (
+            'fast_gshare_function_invocations_total{code="200",function_name="echo.openfaas-fn"}'
+        )
+        assert f"{series} 1.0" in text
+        assert _call(metrics_port, "/system/functions")[0] == 404, "nothing but /metrics there"
+    bad = [sys.executable, "-m", "faas_provider.cli", "up", "--metrics-address", "8083"]
+    refused = subprocess.run(bad, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert refused.returncode != 0 and "write HOST:PORT" in refused.stderr
+
+
 def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) -> None:
     with provider(tmp_path, "--workers", "2") as (process, port):
         _wait_ready(port, "echo")

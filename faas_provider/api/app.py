@@ -71,6 +71,18 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
     return app
 
 
+def create_metrics_app(provider: web.Application) -> web.Application:
+    """An app that serves `provider`'s /metrics and nothing else: for a second address."""
+    app = web.Application()
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(provider[METRICS].registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = UpstreamPool()
     await app[BACKEND].start()
