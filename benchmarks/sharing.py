@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -620,6 +621,172 @@ def quotas(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": "quotas", "shares": shares, "gpu_time_shares": gpu_time}
 
 
+def quotas_prometheus(args: argparse.Namespace) -> dict[str, Any]:
+    """The text-encoder case of quotas (request 0.6 beside three greedy neighbours at 0.1) with
+    a real Prometheus scraping the provider every second: the GPU-time shares it saw charged,
+    over the run and second by second, drawn against the quotas (a PNG beside the JSON)."""
+    binary = args.prometheus or shutil.which("prometheus")
+    if binary is None:
+        raise SystemExit("quotas-prometheus needs a Prometheus binary: --prometheus PATH")
+    quotas = {"request-60": 0.6, **{f"greedy-{i}": 0.1 for i in range(3)}}
+    functions = {
+        name: _shared(100, request=request, image=TEXT_ENCODER) for name, request in quotas.items()
+    }
+    charged = "fast_gshare_gpu_time_seconds_total"
+    with provider(functions) as base, prometheus_server(binary, base) as prom:
+        start = time.time()
+        drive(base, list(functions), args.seconds, 4, body=TEXT)
+        end = time.time()
+        time.sleep(3)  # the scrapes after the last request
+        span = f"{int(end - start)}s"
+        totals = _prom(
+            prom, "query", query=f"sum by (function_name) (increase({charged}[{span}]))", time=end
+        )
+        rates = _prom(
+            prom,
+            "query_range",
+            query=f"sum by (function_name) (rate({charged}[3s]))",
+            start=start,
+            end=end,
+            step=1,
+        )
+    used = {row["metric"]["function_name"].split(".")[0]: float(row["value"][1]) for row in totals}
+    shares = {name: seconds / sum(used.values()) for name, seconds in used.items()}
+    by_time: dict[float, dict[str, float]] = {}
+    for row in rates:
+        name = row["metric"]["function_name"].split(".")[0]
+        for at, value in row["values"]:
+            by_time.setdefault(float(at) - start, {})[name] = float(value)
+    series = {
+        name: [
+            [at, point.get(name, 0.0) / (sum(point.values()) or 1.0)]
+            for at, point in sorted(by_time.items())
+        ]
+        for name in quotas
+    }
+    kept = shares.get("request-60", 0.0)
+    within = abs(kept - 0.6) <= 0.05
+    print(f"quotas-prometheus: shares of the GPU time Prometheus saw charged {shares}", flush=True)
+    print(
+        f"quotas-prometheus: request 0.6 got {kept:.1%}, "
+        f"{'within' if within else 'NOT within'} 5 points"
+    )
+    result = {
+        "mode": "quotas-prometheus",
+        "quotas": quotas,
+        "seconds": end - start,
+        "shares": shares,
+        "within_5_points": within,
+        "series": series,
+    }
+    plot_quotas(result)
+    return result
+
+
+def prometheus_server(binary: str, base: str) -> contextlib.AbstractContextManager[str]:
+    """A Prometheus scraping the provider at `base` every second; its URL."""
+    import socket
+
+    import yaml
+
+    @contextlib.contextmanager
+    def running() -> Iterator[str]:
+        with tempfile.TemporaryDirectory(prefix="sharing-prometheus-") as scratch:
+            target = base.removeprefix("http://")
+            config = {
+                "global": {"scrape_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "provider", "static_configs": [{"targets": [target]}]}
+                ],
+            }
+            Path(scratch, "prometheus.yml").write_text(yaml.safe_dump(config))
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            log = open(Path(scratch, "prometheus.log"), "w")  # noqa: SIM115 - closed below
+            process = subprocess.Popen(
+                [binary, f"--config.file={scratch}/prometheus.yml",
+                 f"--storage.tsdb.path={scratch}/data", f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            url = f"http://127.0.0.1:{port}"
+            try:
+                for _ in range(300):
+                    with contextlib.suppress(OSError, ValueError, KeyError):
+                        if _prom(url, "query", query="count(up == 1)"):
+                            break
+                    time.sleep(0.1)
+                else:
+                    raise RuntimeError(Path(scratch, "prometheus.log").read_text()[-2000:])
+                print(f"  Prometheus on {url} scrapes {target} every second", flush=True)
+                yield url
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+                log.close()
+
+    return running()
+
+
+def _prom(url: str, api: str, **params: Any) -> list[dict[str, Any]]:
+    """The result of Prometheus' HTTP API `api` (query, query_range) with `params`."""
+    import urllib.parse
+    import urllib.request
+
+    address = f"{url}/api/v1/{api}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(address, timeout=10) as answer:
+        body = json.loads(answer.read())
+    if body["status"] != "success":
+        raise RuntimeError(f"Prometheus: {body}")
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def plot_quotas(result: dict[str, Any], path: Path | None = None) -> None:
+    """Draw the GPU-time shares of `result` over time against each quota, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  no matplotlib here: redraw with python benchmarks/sharing.py --plot", flush=True)
+        return
+    path = path or RESULTS.with_name("quotas-prometheus.png")
+    figure, axes = plt.subplots(figsize=(9, 4.5), dpi=120)
+    names = list(result["quotas"])
+    # the seconds in which some GPU time was charged (not the load's ramp or its end)
+    busy = [
+        i
+        for i in range(len(result["series"][names[0]]))
+        if sum(result["series"][name][i][1] for name in names) > 0
+    ]
+    times = [result["series"][names[0]][i][0] for i in busy]
+    axes.stackplot(
+        times,
+        *[[result["series"][name][i][1] for i in busy] for name in names],
+        labels=[f"{name} ({result['shares'][name]:.0%} of the run)" for name in names],
+        alpha=0.8,
+    )
+    floor = 0.0
+    for name in names:
+        floor += result["quotas"][name]
+        axes.axhline(floor, linestyle="--", linewidth=1, color="black")
+    axes.text(
+        times[-1], result["quotas"][names[0]], " request-60's quota 0.6", va="bottom", ha="right"
+    )
+    axes.set_xlabel("seconds into the run")
+    axes.set_ylabel("share of the GPU time charged")
+    axes.set_ylim(0, 1)
+    axes.set_title(
+        "GPU-time shares as Prometheus saw them charged, stacked; dashed: quota requests, stacked"
+    )
+    axes.legend(loc="lower left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"  drew {path.relative_to(REPO)}", flush=True)
+
+
 def _charged_gpu_seconds(function: str) -> dict[str, float]:
     """GPU time the provider's token service has charged each function's replicas (seconds,
     summed over replicas), asked of the service over its socket, found in the arguments of a
@@ -911,6 +1078,7 @@ MODES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "full-path-unbatched": full_path_unbatched,
     "partitions": partitions,
     "quotas": quotas,
+    "quotas-prometheus": quotas_prometheus,
     "memory-cap": memory_cap,
     "faults": faults,
     "replica-start": replica_start,
@@ -971,12 +1139,21 @@ def main() -> None:
     )
     parser.add_argument("--max-batch-size", type=int, help="the functions' max_batch_size")
     parser.add_argument("--max-batch-delay", help="the functions' max_batch_delay, e.g. 5ms")
+    parser.add_argument("--prometheus", help="the Prometheus binary for quotas-prometheus")
+    parser.add_argument(
+        "--plot", action="store_true", help="only draw the PNGs of the results saved before"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--through-handler", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.through_handler, args.batch)
+        return
+    if args.plot:
+        saved = json.loads(RESULTS.read_text())["modes"]
+        if "quotas-prometheus" in saved:
+            plot_quotas(saved["quotas-prometheus"])
         return
     results = []
     try:
