@@ -26,7 +26,8 @@ from faas_provider.backends.base import ReplicaCounts
 from faas_provider.gpu.placement import Placer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-UNCOUNTED = ("/healthz", "/metrics")  # probes and scrapes: counting them counts only noise
+# probes, scrapes and the workers' reports: counting them counts only noise
+UNCOUNTED = ("/healthz", "/metrics", "/system/workers/{worker}/metrics")
 REPORT_INTERVAL_S = 1.0
 # seconds, from a small model's batch of one to a large batch or a cold start
 INVOCATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -97,7 +98,9 @@ class ProviderMetrics:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Count and time every request but probes and scrapes, labelled by route template
         (`/function/{service}`), not raw path."""
-        if request.path in UNCOUNTED or not request.path.startswith(self.counted_prefix):
+        resource = request.match_info.route.resource
+        path = resource.canonical if resource is not None else "unmatched"
+        if path in UNCOUNTED or not request.path.startswith(self.counted_prefix):
             return await handler(request)
         started = time.perf_counter()
         status = 500
@@ -109,8 +112,6 @@ class ProviderMetrics:
             status = error.status
             raise
         finally:
-            resource = request.match_info.route.resource
-            path = resource.canonical if resource is not None else "unmatched"
             labels = (str(status), request.method, path)
             self.requests.labels(*labels).inc()
             self.duration.labels(*labels).observe(time.perf_counter() - started)
