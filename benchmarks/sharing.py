@@ -787,6 +787,44 @@ def plot_quotas(result: dict[str, Any], path: Path | None = None) -> None:
     print(f"  drew {path.relative_to(REPO)}", flush=True)
 
 
+def plot_throughput(modes: dict[str, dict[str, Any]], path: Path | None = None) -> None:
+    """Draw the aggregate throughput of each setting measured, with its p99 range, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  no matplotlib here: redraw with python benchmarks/sharing.py --plot", flush=True)
+        return
+    measured = [m for m in modes.values() if "aggregate_img_s" in m]
+    if not measured:
+        return
+    path = path or RESULTS.with_name("throughput.png")
+    figure, axes = plt.subplots(figsize=(9, 0.45 * len(measured) + 1.5), dpi=120)
+    labels = [
+        f"{m['mode']} ({m['processes']} x {m['sm_percent']}% SMs, MPS)"
+        if m["sm_percent"]
+        else f"{m['mode']} ({m['processes']} process{'es' if m['processes'] > 1 else ''}, no MPS)"
+        for m in measured
+    ]
+    rates = [m["aggregate_img_s"] for m in measured]
+    bars = axes.barh(labels, rates, color="tab:blue")
+    for bar, m in zip(bars, measured, strict=True):
+        p99 = [row["p99_ms"] for row in m["per_process"]]
+        note = f" {bar.get_width():.0f} img/s, p99 {min(p99):.0f}-{max(p99):.0f} ms"
+        axes.text(
+            bar.get_width(), bar.get_y() + bar.get_height() / 2, note, va="center", fontsize=8
+        )
+    axes.invert_yaxis()
+    axes.set_xlabel("images per second, all processes together")
+    axes.set_xlim(0, max(rates) * 1.45)
+    axes.set_title(f"ResNet-50 throughput per setting on {measured[0]['device']}")
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"  drew {path.relative_to(REPO)}", flush=True)
+
+
 def _charged_gpu_seconds(function: str) -> dict[str, float]:
     """GPU time the provider's token service has charged each function's replicas (seconds,
     summed over replicas), asked of the service over its socket, found in the arguments of a
@@ -1154,6 +1192,7 @@ def main() -> None:
         saved = json.loads(RESULTS.read_text())["modes"]
         if "quotas-prometheus" in saved:
             plot_quotas(saved["quotas-prometheus"])
+        plot_throughput(saved)
         return
     results = []
     try:
@@ -1163,6 +1202,7 @@ def main() -> None:
         if results:
             print_table(results)
             save(results)
+            plot_throughput(json.loads(RESULTS.read_text())["modes"])
 
 
 if __name__ == "__main__":
