@@ -742,8 +742,8 @@ def _prom(url: str, api: str, **params: Any) -> list[dict[str, Any]]:
     return result
 
 
-def plot_quotas(result: dict[str, Any], path: Path | None = None) -> None:
-    """Draw the GPU-time shares of `result` over time against each quota, as a PNG."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot drawing to files, or None (one line saying how to draw later)."""
     try:
         import matplotlib
 
@@ -751,8 +751,16 @@ def plot_quotas(result: dict[str, Any], path: Path | None = None) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("  no matplotlib here: redraw with python benchmarks/sharing.py --plot", flush=True)
+        return None
+    return plt
+
+
+def plot_quotas(result: dict[str, Any]) -> None:
+    """Draw the GPU-time shares of `result` over time against each quota, as a PNG."""
+    plt = _pyplot()
+    if plt is None:
         return
-    path = path or RESULTS.with_name("quotas-prometheus.png")
+    path = RESULTS.with_name("quotas-prometheus.png")
     figure, axes = plt.subplots(figsize=(9, 4.5), dpi=120)
     names = list(result["quotas"])
     # the seconds in which some GPU time was charged (not the load's ramp or its end)
@@ -787,20 +795,15 @@ def plot_quotas(result: dict[str, Any], path: Path | None = None) -> None:
     print(f"  drew {path.relative_to(REPO)}", flush=True)
 
 
-def plot_throughput(modes: dict[str, dict[str, Any]], path: Path | None = None) -> None:
+def plot_throughput(modes: dict[str, dict[str, Any]]) -> None:
     """Draw the aggregate throughput of each setting measured, with its p99 range, as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  no matplotlib here: redraw with python benchmarks/sharing.py --plot", flush=True)
+    plt = _pyplot()
+    if plt is None:
         return
     measured = [m for m in modes.values() if "aggregate_img_s" in m]
     if not measured:
         return
-    path = path or RESULTS.with_name("throughput.png")
+    path = RESULTS.with_name("throughput.png")
     figure, axes = plt.subplots(figsize=(9, 0.45 * len(measured) + 1.5), dpi=120)
     labels = [
         f"{m['mode']} ({m['processes']} x {m['sm_percent']}% SMs, MPS)"

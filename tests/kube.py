@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from faas_provider.backends.kubernetes.connection import connect
 from faas_provider.backends.kubernetes.settings import KubernetesSettings
 from faas_provider.settings import Settings
 
@@ -90,11 +91,7 @@ def on_cluster(settings: Settings, kubeconfig: Path) -> Settings:
 
 async def admin(server: ApiServer) -> client.ApiClient:
     """An API client with the admin credentials of `server`."""
-    configuration = client.Configuration()
-    await config.load_kube_config(
-        config_file=str(server.kubeconfig), client_configuration=configuration
-    )
-    return client.ApiClient(configuration)
+    return await connect(server.kubeconfig)
 
 
 async def reset(api: client.ApiClient) -> None:

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from faas_provider.api.app import create_app
 from faas_provider.backends.factory import create_backend
+from faas_provider.backends.kubernetes.connection import connect
 from faas_provider.settings import Settings
 from tests import kube
 from tests.conftest import ECHO, faas_cli_deploy, wait_available
@@ -175,9 +176,7 @@ async def test_the_providers_service_account_runs_the_contract_and_may_do_no_mor
             assert (await provider.delete("/system/secrets", json={"name": "s"})).status == 202
         finally:
             await provider.close()
-    configuration = client.Configuration()
-    await config.load_kube_config(str(kubeconfig), client_configuration=configuration)
-    async with client.ApiClient(configuration) as api:
+    async with await connect(kubeconfig) as api:
         ns = kube.FUNCTION_NAMESPACE
         assert await allowed(api, "create", "apps/deployments", ns)
         assert await allowed(api, "watch", "discovery.k8s.io/endpointslices")
@@ -192,9 +191,7 @@ async def test_the_node_agents_service_account_may_publish_and_recycle_only(
 ) -> None:
     await apply_rbac(kube_admin)
     kubeconfig = await service_account_client(kube_admin, api_server, "fast-gshare-node", tmp_path)
-    configuration = client.Configuration()
-    await config.load_kube_config(str(kubeconfig), client_configuration=configuration)
-    async with client.ApiClient(configuration) as api:
+    async with await connect(kubeconfig) as api:
         assert await allowed(api, "patch", "/nodes")
         assert await allowed(api, "list", "/pods")
         assert await allowed(api, "delete", "/pods", kube.FUNCTION_NAMESPACE)

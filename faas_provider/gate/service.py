@@ -84,13 +84,13 @@ class TokenService:
     def usage(self) -> list[FunctionUsage]:
         """Each function's use of each GPU: its gates' share, and the GPU time charged to all
         its gates since the service started (those gone included, so it only grows)."""
-        now = _now()
         found: dict[tuple[str, str], FunctionUsage] = {
             key: FunctionUsage(key[0], key[1], None, charged)
             for key, charged in self._retired.items()
         }
+        charged_by_gpu = self.charged_total()
         for (gpu, client), registration in self._registered.items():
-            charged = self._schedulers[gpu].charged_total(now).get(client, 0.0)
+            charged = charged_by_gpu[gpu].get(client, 0.0)
             key = (gpu, registration.function)
             held = found.get(key)
             total = charged + (held.charged_s if held is not None else 0.0)

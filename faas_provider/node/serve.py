@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
-from kubernetes_asyncio import client, config
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from faas_provider.backends.kubernetes.connection import connect
 from faas_provider.backends.kubernetes.node_api import publish_gpus, recycle_pods
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.mps import CONTROL_BINARY, ServerLoss
@@ -61,7 +61,7 @@ async def running_node(
 ) -> AsyncIterator[tuple[NodeAgent, int]]:
     """The node agent, started and serving; the agent and its port. Stopped on exit."""
     agent = NodeAgent(devices, window_s=window_s, mps_binary=mps_binary, run_dir=run_dir)
-    api = await _cluster(kubeconfig) if node is not None else None
+    api = await connect(kubeconfig) if node is not None else None
     if api is not None and node is not None:
 
         async def on_lost(device: GpuDevice, loss: ServerLoss) -> None:
@@ -88,13 +88,3 @@ async def running_node(
         await agent.close()
         if api is not None:
             await api.close()
-
-
-async def _cluster(kubeconfig: Path | None) -> client.ApiClient:
-    """An API client: of `kubeconfig`, else of the pod's ServiceAccount."""
-    configuration = client.Configuration()
-    if kubeconfig is not None:
-        await config.load_kube_config(str(kubeconfig), client_configuration=configuration)
-    else:
-        config.load_incluster_config(client_configuration=configuration)
-    return client.ApiClient(configuration)

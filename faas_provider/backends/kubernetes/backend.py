@@ -21,17 +21,18 @@ import json
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 import aiohttp
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client.registry import Collector
 
 from faas_provider.backends.base import LogQuery, ReplicaCounts
-from faas_provider.backends.kubernetes.informer import Informer, Key, checked
+from faas_provider.backends.kubernetes.connection import connect
+from faas_provider.backends.kubernetes.informer import Informer, Key, checked, list_document
 from faas_provider.backends.kubernetes.manifests import (
     GPU_LABEL,
     MANAGED_BY,
@@ -56,6 +57,7 @@ from faas_provider.models import (
     Secret,
     check_namespace_deletion,
     namespace_or_default,
+    utcnow,
 )
 from faas_provider.node.agent import RunDir
 
@@ -63,6 +65,7 @@ log = logging.getLogger("fast_gshare.kubernetes")
 
 NAMESPACE_LABEL = "openfaas"  # function namespaces are labelled openfaas=1
 SECRET_LABELS = {"app.kubernetes.io/managed-by": "openfaas"}  # as faas-netes labels secrets
+SHARED_GPUS = "the cluster's shared GPUs"  # how placement's refusals name them
 SYNC_TIMEOUT_S = 10.0
 ROLLOUT_TIMEOUT_S = 120.0
 T = TypeVar("T")
@@ -92,21 +95,12 @@ class KubernetesBackend:
 
     async def start(self) -> None:
         """Connect, start the informers and wait (a while) for their first lists."""
-        configuration = client.Configuration()
-        if self._settings.kubeconfig is not None:
-            await config.load_kube_config(
-                config_file=str(self._settings.kubeconfig), client_configuration=configuration
-            )
-        else:
-            try:
-                config.load_incluster_config(client_configuration=configuration)
-            except config.ConfigException:
-                await config.load_kube_config(client_configuration=configuration)
-        self._api = client.ApiClient(configuration)
+        self._api = await connect(self._settings.kubeconfig)
+        host = self._api.configuration.host
         core, apps = client.CoreV1Api(self._api), client.AppsV1Api(self._api)
         self._core, self._apps = core, apps
         discovery = client.DiscoveryV1Api(self._api)
-        managed = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+        managed = selector(MANAGED_BY)
         self._namespaces = Informer(
             "namespaces", core.list_namespace, label_selector=f"{NAMESPACE_LABEL}=1"
         )
@@ -138,13 +132,13 @@ class KubernetesBackend:
         if not all(i.synced.is_set() for i in self._informers):
             log.warning(
                 "the provider cannot read the cluster at %s yet; it answers 503 until it can",
-                configuration.host,
+                host,
             )
             return
         gpus = len(self._devices())
         log.info(
             "kubernetes backend on %s: %d function(s), %d shared GPU(s) on the nodes",
-            configuration.host,
+            host,
             len(self._services.items),
             gpus,
         )
@@ -207,7 +201,7 @@ class KubernetesBackend:
             name, namespace = deployment.service, deployment.namespace
             service = self._service(name, namespace)
             share = await self._validate(deployment)
-            replicas = int(service["metadata"]["annotations"].get(REPLICAS_ANNOTATION, "0"))
+            replicas = self._desired(service)
             old = record_of(service)
             if gpu_share(old) == share:  # the replicas keep their GPUs; Kubernetes rolls them
                 placer = self._placer(leaving={(namespace, name)})
@@ -229,8 +223,7 @@ class KubernetesBackend:
     async def scale(self, name: str, namespace: str, replicas: int) -> None:
         async with self._lock:
             service = self._service(name, namespace)
-            annotations = service["metadata"]["annotations"]
-            before = int(annotations.get(REPLICAS_ANNOTATION, "0"))
+            before = self._desired(service)
             if before == replicas:
                 return
             log.info("scaling %s.%s from %d to %d", name, namespace, before, replicas)
@@ -341,10 +334,9 @@ class KubernetesBackend:
 
     async def list_secrets(self, namespace: str) -> list[Secret]:
         self._namespace(namespace)
-        selector = ",".join(f"{k}={v}" for k, v in SECRET_LABELS.items())
         listed = await self._call(
             f"Secrets of {namespace}",
-            self._core.list_namespaced_secret(namespace, label_selector=selector),
+            self._core.list_namespaced_secret(namespace, label_selector=selector(SECRET_LABELS)),
         )
         return [Secret(name=s.metadata.name, namespace=namespace) for s in listed.items]
 
@@ -390,7 +382,7 @@ class KubernetesBackend:
                 )
                 if failing or stuck:
                     stamp = condition.get("lastUpdateTime")
-                    when = _parse_time(stamp) if stamp else _utcnow()
+                    when = _parse_time(stamp) if stamp else utcnow()
                     text = f"{condition.get('reason')}: {condition.get('message', '')}"
                     yield self._message(query, name, when, text)
         lines: asyncio.Queue[LogMessage | None] = asyncio.Queue()
@@ -409,32 +401,31 @@ class KubernetesBackend:
             if reason not in (None, "ContainerCreating") and (name, reason) not in said:
                 said.add((name, reason))
                 text = f"{query.name} waiting: {reason}: {waiting.get('message', '')}".strip()
-                lines.put_nowait(self._message(query, name, _utcnow(), text))
+                lines.put_nowait(self._message(query, name, utcnow(), text))
             if "running" in state or "terminated" in state:
                 readers[name] = asyncio.create_task(self._read_pod_log(name, query, lines))
 
-        selector = f"{FUNCTION_LABEL}={query.name}"
+        pods_of = f"{FUNCTION_LABEL}={query.name}"
         watch = None
         if query.follow:  # pods that start later are followed too
             pods = Informer(
                 f"pods of {query.name}.{query.namespace}",
                 self._core.list_namespaced_pod,
                 namespace=query.namespace,
-                label_selector=selector,
+                label_selector=pods_of,
             )
             pods.on_change = consider
             watch = asyncio.create_task(pods.run())
         else:
-
-            async def listed() -> list[dict[str, Any]]:
-                response = await self._core.list_namespaced_pod(
-                    query.namespace, label_selector=selector, _preload_content=False
-                )
-                document = json.loads(await (await checked(response)).read())
-                items: list[dict[str, Any]] = document.get("items", [])
-                return items
-
-            for pod in await self._call(f"Pods of {query.name}.{query.namespace}", listed()):
+            listed = await self._call(
+                f"Pods of {query.name}.{query.namespace}",
+                list_document(
+                    self._core.list_namespaced_pod,
+                    namespace=query.namespace,
+                    label_selector=pods_of,
+                ),
+            )
+            for pod in listed.get("items", []):
                 consider("ADDED", pod)
             lines.put_nowait(None)  # the end, once the readers' ends are counted
         try:
@@ -460,7 +451,7 @@ class KubernetesBackend:
             if query.tail is not None:
                 kwargs["tail_lines"] = query.tail
             if query.since is not None:
-                kwargs["since_seconds"] = max(1, int((_utcnow() - query.since).total_seconds()))
+                kwargs["since_seconds"] = max(1, int((utcnow() - query.since).total_seconds()))
             response = await checked(
                 await self._core.read_namespaced_pod_log(
                     pod, query.namespace, container=query.name, _preload_content=False, **kwargs
@@ -558,7 +549,7 @@ class KubernetesBackend:
     def _placer(self, leaving: set[Key] = frozenset()) -> Placer:
         """Placement as the cluster holds it now, less the functions in `leaving`."""
         devices = self._devices()
-        placer = Placer(devices, where="the cluster's shared GPUs")
+        placer = Placer(devices, where=SHARED_GPUS)
         for (namespace, name), service in self._services.items.items():
             if (namespace, name) in leaving:
                 continue
@@ -671,7 +662,7 @@ class KubernetesBackend:
         deployment.min_replicas()
         share = gpu_share(deployment)
         if share is not None and not share.exclusive:
-            Placer(self._devices(), where="the cluster's shared GPUs").check(share)
+            Placer(self._devices(), where=SHARED_GPUS).check(share)
         missing = []
         for secret in deployment.secrets:
             try:
@@ -830,6 +821,11 @@ def _secret_body(secret: Secret, namespace: str) -> dict[str, Any]:
     }
 
 
+def selector(labels: dict[str, str]) -> str:
+    """A label selector that matches every one of `labels`."""
+    return ",".join(f"{key}={value}" for key, value in labels.items())
+
+
 def _reason(error: Exception) -> str:
     if isinstance(error, ApiException):
         try:
@@ -841,7 +837,3 @@ def _reason(error: Exception) -> str:
 
 def _parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)

@@ -46,6 +46,13 @@ async def checked(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
     raise ApiException(status=response.status, reason=reason)
 
 
+async def list_document(list_call: ListCall, **arguments: Any) -> dict[str, Any]:
+    """The List object a kubernetes_asyncio `list_*` call answers, as the API sent it."""
+    response = await checked(await list_call(**arguments, _preload_content=False))
+    document: dict[str, Any] = json.loads(await response.read())
+    return document
+
+
 def _newer(incoming: dict[str, Any], held: dict[str, Any] | None) -> bool:
     """Whether `incoming` is not older than `held`: resourceVersions are etcd revisions, which
     grow; one that is not a number is taken as newer."""
@@ -151,8 +158,7 @@ class Informer:
         self.problem = None
 
     async def _list(self) -> None:
-        response = await checked(await self._list_call(**self._selectors, _preload_content=False))
-        document = json.loads(await response.read())
+        document = await list_document(self._list_call, **self._selectors)
         self._found()
         fresh = {key_of(obj): obj for obj in document.get("items", [])}
         for key, obj in list(self.items.items()):
