@@ -270,3 +270,37 @@ async def test_the_service_counts_how_long_each_functions_gates_waited_for_token
         for gate in (holder, waiter):
             await gate.close()
         await service.close()
+
+
+async def test_the_service_hears_how_many_requests_wait_at_each_gate(tmp_path: Path) -> None:
+    socket = tmp_path / "tokens.sock"
+    service = TokenService(window_s=1.0)
+    await service.start(socket)
+    holder, waiter = _gate(socket, "holder"), _gate(socket, "waiter")
+
+    def queued() -> dict[str, int]:
+        return {use.function: use.queued for use in service.usage()}
+
+    try:
+        for gate in (holder, waiter):
+            await gate.connect()
+        await holder.__aenter__()  # holds the whole GPU: the waiter's requests queue
+        release = asyncio.Event()
+
+        async def request() -> None:
+            async with waiter:
+                await release.wait()
+
+        tasks = [asyncio.create_task(request()) for _ in range(3)]
+        await asyncio.sleep(QuotaGate.QUEUE_REPORT_S * 3)
+        assert queued() == {"holder.test": 0, "waiter.test": 3}
+        await holder.__aexit__(None, None, None)  # the waiter gets the token: all three start
+        await asyncio.sleep(QuotaGate.QUEUE_REPORT_S * 3)
+        assert queued() == {"holder.test": 0, "waiter.test": 0}
+        release.set()
+        await asyncio.gather(*tasks)
+    finally:
+        for gate in (holder, waiter):
+            await gate.close()
+        await service.close()
+    assert queued() == {"holder.test": 0, "waiter.test": 0}, "gone gates queue nothing"

@@ -140,6 +140,7 @@ def test_a_gpu_shared_deployment_pins_its_gpu_and_puts_the_gate_in_front() -> No
     assert env["NVIDIA_VISIBLE_DEVICES"] == UUID
     assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
     assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=2048M"
+    assert env["FAST_GSHARE_FUNCTION"] == "resnet50.openfaas-fn", "its GPU processes are named"
     assert "nvidia.com/gpu" not in replica["resources"]["limits"], "shared outside the plugin"
     mounts = {m["mountPath"]: m["name"] for m in replica["volumeMounts"]}
     assert mounts[env["CUDA_MPS_PIPE_DIRECTORY"]] == "fast-gshare-mps"
@@ -153,9 +154,10 @@ def test_a_gpu_shared_deployment_pins_its_gpu_and_puts_the_gate_in_front() -> No
     assert gate["ports"] == [{"name": "http", "containerPort": 8099, "protocol": "TCP"}]
     assert gate["readinessProbe"]["httpGet"] == {"path": "/_/health", "port": "http"}
     parsed = gate_args(gate["args"])
-    assert Registration.from_args(parsed) == share.registration(
-        UUID, "$(POD_NAME)", "resnet50.openfaas-fn"
-    )
+    registration = Registration.from_args(parsed)
+    assert registration == share.registration(UUID, "$(POD_NAME)", "resnet50.openfaas-fn")
+    assert registration.memory_bytes == 2 * 1024**3, "the cap reaches the node's metrics"
+    assert Registration.from_message(json.loads(registration.message())) == registration
     assert parsed.upstream == "http://127.0.0.1:8080"
     assert (parsed.host, parsed.port) == ("0.0.0.0", 8099)
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
@@ -292,6 +294,10 @@ def test_the_node_agent_holds_its_gpus_from_the_device_plugin_and_shares_their_p
     mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
     assert mounts == {"run": str(paths.root), "shm": "/dev/shm"}
     assert "hostIPC" not in pod
+    assert pod["hostPID"] is True, "NVML names GPU processes by their host PIDs"
+    assert agent["securityContext"]["capabilities"]["add"] == ["SYS_PTRACE"], (
+        "to read the function name in those processes' environments"
+    )
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "k8s").glob("*.yaml")), ids=lambda p: p.name)

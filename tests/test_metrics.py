@@ -11,9 +11,11 @@ from aiohttp.test_utils import TestClient
 from faas_provider.api.app import create_app
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.gpu.readings import GpuReader
 from faas_provider.node.agent import NodeAgent
 from faas_provider.settings import Settings
 from tests.conftest import ECHO, faas_cli_deploy, wait_available
+from tests.fake_nvml import FakeNvml, replica_processes
 from tests.prom import prometheus
 
 VIRTUAL = GpuDevice(
@@ -21,6 +23,10 @@ VIRTUAL = GpuDevice(
 )
 
 ECHO_NAME = 'function_name="echo.openfaas-fn"'
+# a GPU with the stand-in MPS control daemon of tests/fixtures
+GPU = GpuDevice(0, "GPU-fake-0", "fake", 16 * 1024**3)
+FAKE_MPS = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
+MIB, GIB = 1024**2, 1024**3
 
 
 async def test_invocations_are_counted_per_function_and_code_in_prometheus(
@@ -79,3 +85,37 @@ async def test_replicas_desired_available_and_pending_per_function(
         ):
             query = (replicas % (function, state)).replace("'", '"')
             assert await server.settled(query, expected) == expected, query
+
+
+async def test_gpu_memory_and_utilisation_from_nvml_per_gpu_and_per_function(
+    aiohttp_client: Any, settings: Settings, functions_root: Path, tmp_path: Path
+) -> None:
+    # The stand-in NVML lists every replica process (found by the variable the launch put in
+    # its environment) as a compute process of the GPU holding 256 MiB.
+    nvml = FakeNvml({GPU.uuid: 37}, replica_processes, process_bytes=256 * MIB)
+    node = NodeAgent([GPU], window_s=0.1, mps_binary=FAKE_MPS, reader=GpuReader(nvml))
+    backend = LocalBackend(settings.local.state_dir, functions_root, node=node)
+    client = await aiohttp_client(create_app(backend, settings))
+    async with prometheus(tmp_path, [f"127.0.0.1:{client.server.port}"]) as server:
+        capped = {
+            **ECHO,
+            "service": "capped",
+            "annotations": {"fastgshare/gpu_sm_partition": "40", "fastgshare/gpu_mem": "1Gi"},
+            "labels": {"com.openfaas.scale.min": "2"},
+        }
+        for body in (ECHO, capped):
+            assert await faas_cli_deploy(client, body) == 202
+            await wait_available(client, body["service"])
+        where = '{function_name="capped.openfaas-fn",gpu="GPU-fake-0"}'
+        used = f"fast_gshare_function_memory_used_bytes{where}"
+        assert await server.settled(used, 2 * 256 * MIB) == 2 * 256 * MIB, "its two replicas"
+        limit = f"fast_gshare_function_memory_limit_bytes{where}"
+        assert await server.settled(limit, 2 * GIB) == 2 * GIB, "two caps of 1 GiB"
+        utilisation = 'fast_gshare_gpu_utilization_ratio{gpu="GPU-fake-0"}'
+        assert await server.settled(utilisation, 0.37) == 0.37
+        gpu_used = await server.value('fast_gshare_gpu_memory_used_bytes{gpu="GPU-fake-0"}')
+        assert gpu_used >= 64 * MIB + 2 * 256 * MIB
+        plain = await server.query(f"fast_gshare_function_memory_used_bytes{{{ECHO_NAME}}}")
+        assert plain == [], "a plain function's processes are no GPU's"
+        queued = await server.value(f"fast_gshare_function_queued_requests{where}")
+        assert queued == 0, "nothing waits at an idle function's gates"

@@ -16,6 +16,9 @@ lease's end, at the expense of whoever waits. While someone waits (the scheduler
 gate to yield), the gate therefore starts a request only when nothing runs or when the work
 admitted, at the replica's measured pace (busy time per completed request), is expected to end
 by the lease's end. Nobody waiting, it admits every request as it comes.
+
+The gate tells the token service how many requests wait at it to be admitted, when that
+changes, at most every QUEUE_REPORT_S: the node agent's metrics show each function's queue.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class WorkEstimate:
 class QuotaGate:
     """Admits requests while this replica holds a token; `async with gate:` around each one."""
 
+    QUEUE_REPORT_S = 0.05  # how soon, and how often at most, the queue's length is reported
+
     def __init__(self, socket_path: Path, registration: Registration, linger_s: float = 0.002):
         self._socket_path = socket_path
         self._registration = registration
@@ -94,6 +99,9 @@ class QuotaGate:
         self._in_flight = 0
         self._work = WorkEstimate()
         self._linger: asyncio.TimerHandle | None = None
+        self._queued = 0  # requests at the gate not admitted yet
+        self._queue_told = 0  # what the token service was last told of them
+        self._queue_report: asyncio.TimerHandle | None = None
 
     async def connect(self) -> None:
         """Connect and register with the token service."""
@@ -103,6 +111,8 @@ class QuotaGate:
             raise SchedulerUnavailable(f"token service at {self._socket_path}: {error}") from error
         self._writer.write(self._registration.message())
         self._holding = self._idle_reported = False
+        self._queue_told = 0
+        self._queue_changed(0)
         self._reading = asyncio.create_task(self._read(reader, self._writer))
 
     @property
@@ -114,12 +124,22 @@ class QuotaGate:
         """Leave the token service (which returns any token held)."""
         if self._writer is not None:
             self._writer.close()
+        if self._queue_report is not None:
+            self._queue_report.cancel()
+            self._queue_report = None
         if self._reading is not None:
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reading
 
     async def __aenter__(self) -> None:
+        self._queue_changed(+1)
+        try:
+            await self._admit()
+        finally:
+            self._queue_changed(-1)
+
+    async def _admit(self) -> None:
         loop = asyncio.get_running_loop()
         async with self._condition:
             if self._idle_reported:  # it kept its token while idle and runs again
@@ -220,6 +240,21 @@ class QuotaGate:
     def _release(self) -> None:
         self._holding = self._idle_reported = self._yield_asked = False
         self._send(b'{"op": "release"}\n')
+
+    def _queue_changed(self, change: int) -> None:
+        """Count requests coming to and leaving the gate's queue; the token service hears the
+        count QUEUE_REPORT_S later, when it is not what it heard last (so a gate that admits
+        at once sends nothing, and a busy one at most a line every QUEUE_REPORT_S)."""
+        self._queued += change
+        if self._queue_report is None and self._queued != self._queue_told:
+            loop = asyncio.get_running_loop()
+            self._queue_report = loop.call_later(self.QUEUE_REPORT_S, self._report_queue)
+
+    def _report_queue(self) -> None:
+        self._queue_report = None
+        if self._queued != self._queue_told and self.connected:
+            self._queue_told = self._queued
+            self._send(b'{"op": "queue", "n": %d}\n' % self._queued)
 
     def _report_idle(self) -> None:
         self._linger = None

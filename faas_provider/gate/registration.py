@@ -28,6 +28,7 @@ class Registration:
     quota_request: float  # guaranteed share of each window, 0 < request <= limit
     quota_limit: float  # most of each window, <= 1
     function: str  # the replica's function, `name.namespace`
+    memory_bytes: int | None = None  # the replica's GPU memory cap, if it has one
 
     def __post_init__(self) -> None:
         if not self.gpu or not self.client or not self.function:
@@ -39,6 +40,8 @@ class Registration:
                 f"quotas must hold 0 < request <= limit <= 1, not request "
                 f"{self.quota_request} and limit {self.quota_limit}"
             )
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise BadRegistration(f"a memory cap is a positive byte count, not {self.memory_bytes}")
 
     def argv(self) -> list[str]:
         """The gate's flags that carry this registration."""
@@ -49,6 +52,7 @@ class Registration:
             "--request", str(self.quota_request),
             "--limit", str(self.quota_limit),
             "--function", self.function,
+            *(["--memory", str(self.memory_bytes)] if self.memory_bytes is not None else []),
         ]  # fmt: skip
 
     def message(self) -> bytes:
@@ -61,6 +65,8 @@ class Registration:
             "limit": self.quota_limit,
             "function": self.function,
         }
+        if self.memory_bytes is not None:
+            fields["memory"] = self.memory_bytes
         return json.dumps(fields).encode() + b"\n"
 
     @classmethod
@@ -74,6 +80,7 @@ class Registration:
                 float(fields["request"]),
                 float(fields["limit"]),
                 str(fields["function"]),
+                None if fields.get("memory") is None else int(fields["memory"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, BadRegistration):
@@ -89,8 +96,11 @@ class Registration:
         parser.add_argument("--request", type=float, required=True, help="guaranteed time share")
         parser.add_argument("--limit", type=float, required=True, help="most time share")
         parser.add_argument("--function", required=True, help="its function, name.namespace")
+        parser.add_argument("--memory", type=int, default=None, help="its GPU memory cap, bytes")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Registration:
         """The registration of parsed gate flags."""
-        return cls(args.gpu, args.client, args.sm, args.request, args.limit, args.function)
+        return cls(
+            args.gpu, args.client, args.sm, args.request, args.limit, args.function, args.memory
+        )

@@ -2,7 +2,8 @@
 
 The protocol is JSON lines on one connection per gate. The gate's first line registers it
 (gate/registration.py):
-`{"gpu": "GPU-…", "client": "resnet50-0", "sm": 14, "request": 1.0, "limit": 1.0}`; then
+`{"gpu": "GPU-…", "client": "resnet50-0", "sm": 14, "request": 1.0, "limit": 1.0,
+"function": "resnet50.openfaas-fn"}` (and `"memory"`, its memory cap in bytes, if it has one); then
 `{"op": "acquire"}` is answered `{"lease_s": 0.087}` once a token is granted,
 `{"op": "renew"}` from a holder whose lease ran out is answered at once, `{"lease_s": 0.1}`
 to keep the token or `{"lease_s": 0}` to give it back, and `{"op": "release"}` returns it
@@ -10,7 +11,8 @@ to keep the token or `{"lease_s": 0}` to give it back, and `{"op": "release"}` r
 `{"op": "busy"}` that it runs again (no answer to either). While a client that could run waits
 for the room holders keep, the service sends each of them `{"op": "yield"}` (in the same write
 as a grant it follows): a gate still idle when it reads that releases its token; a busy one
-starts no request that would run past its lease. A closed connection returns its token and removes
+starts no request that would run past its lease. `{"op": "queue", "n": 3}` says how many requests
+wait at the gate to be admitted (no answer). A closed connection returns its token and removes
 the client, so a gate that dies frees its share. A connection whose first line is
 `{"op": "stats"}` is answered the GPU time charged to every client since it registered,
 `{"GPU-…": {"resnet50-0": 12.5}}`, and closed. The local backend runs this service inside
@@ -42,6 +44,8 @@ class FunctionUsage:
     gates: int = 0  # gates registered now
     waited_s: float = 0.0  # seconds its gates waited for tokens, since the service started
     grants: int = 0  # tokens granted to its gates, since the service started
+    queued: int = 0  # requests waiting at its gates now, as they last said
+    memory_limit_bytes: int | None = None  # the memory caps of its gates registered now, summed
 
 
 class TokenService:
@@ -60,6 +64,7 @@ class TokenService:
         self._retired: dict[tuple[str, str], float] = {}
         self._waits: dict[tuple[str, str], list[float]] = {}
         self._asked: dict[tuple[str, str], float] = {}  # by (gpu, client): asked for a token at
+        self._queued: dict[tuple[str, str], int] = {}  # by (gpu, client): requests waiting there
 
     async def start(self, socket_path: Path) -> None:
         """Listen on `socket_path` (mode 0600)."""
@@ -90,12 +95,19 @@ class TokenService:
         }
         charged_by_gpu = self.charged_total()
         for (gpu, client), registration in self._registered.items():
-            charged = charged_by_gpu[gpu].get(client, 0.0)
             key = (gpu, registration.function)
-            held = found.get(key)
-            total = charged + (held.charged_s if held is not None else 0.0)
-            gates = 1 + (held.gates if held is not None else 0)
-            found[key] = FunctionUsage(gpu, registration.function, registration, total, gates)
+            held = found.get(key, FunctionUsage(gpu, registration.function, None, 0.0))
+            cap = registration.memory_bytes
+            if held.memory_limit_bytes is not None:
+                cap = held.memory_limit_bytes + (cap or 0)
+            found[key] = replace(
+                held,
+                share=registration,
+                charged_s=held.charged_s + charged_by_gpu[gpu].get(client, 0.0),
+                gates=held.gates + 1,
+                queued=held.queued + self._queued.get((gpu, client), 0),
+                memory_limit_bytes=cap,
+            )
         for key, (waited, grants) in self._waits.items():
             held = found.get(key, FunctionUsage(key[0], key[1], None, 0.0))
             found[key] = replace(held, waited_s=waited, grants=int(grants))
@@ -133,7 +145,11 @@ class TokenService:
             self._registered[key] = registration
             log.info("gate %s registered on GPU %s", client, gpu)
             while line := await reader.readline():
-                op = json.loads(line).get("op")
+                message = json.loads(line)
+                op = message.get("op")
+                if op == "queue":
+                    self._queued[key] = max(0, int(message["n"]))
+                    continue  # nothing to schedule
                 if op == "acquire":
                     self._asked.setdefault(key, _now())
                     scheduler.want(client, _now())
@@ -177,6 +193,7 @@ class TokenService:
         scheduler = self._schedulers[gpu]
         registration = self._registered.pop(key)
         self._asked.pop(key, None)
+        self._queued.pop(key, None)
         charged = scheduler.charged_total(now).get(client, 0.0)
         retired = (gpu, registration.function)
         self._retired[retired] = self._retired.get(retired, 0.0) + charged

@@ -62,7 +62,13 @@ class GpuShare:
         """What the gate of replica `client` of `function` (`name.namespace`) on GPU `gpu`
         tells that GPU's token scheduler."""
         return Registration(
-            gpu, client, self.sm_percent, self.quota_request, self.quota_limit, function
+            gpu,
+            client,
+            self.sm_percent,
+            self.quota_request,
+            self.quota_limit,
+            function,
+            self.memory_bytes,
         )
 
 

@@ -1,11 +1,11 @@
 """The node agent: one node's GPU services.
 
 It keeps the node's GPU inventory, runs one MPS control daemon per real GPU and the token
-service every gate of the node registers with, and watches the daemons: when a GPU's MPS
-clients lose their server (a fatal fault, the server or its daemon gone; see gpu/mps.py),
-`on_lost` is called with that GPU once its daemon runs again, so whoever runs the replicas can
-recycle that GPU's alone. On a machine without a GPU the inventory is one virtual GPU, without
-MPS: the gates and the token service run the same.
+service every gate of the node registers with, reads the GPUs' NVML figures (gpu/readings.py),
+and watches the daemons: when a GPU's MPS clients lose their server (a fatal fault, the
+server or its daemon gone; see gpu/mps.py), `on_lost` is called with that GPU once its daemon
+runs again, so whoever runs the replicas can recycle that GPU's alone. On a machine without a
+GPU the inventory is one virtual GPU, without MPS: the gates and the token service run the same.
 
 It decides nothing: placement (gpu/placement.py) is the provider's, the replicas' start is the
 backend's.
@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from faas_provider.gate.service import FunctionUsage, TokenService
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.mps import CONTROL_BINARY, MpsDaemon, MpsError, ServerLoss, pipe_dir
+from faas_provider.gpu.readings import GpuReader, GpuReading
 
 log = logging.getLogger("fast_gshare.node")
 
@@ -70,10 +71,12 @@ class NodeAgent:
         window_s: float = 0.1,
         mps_binary: str = CONTROL_BINARY,
         run_dir: Path | None = None,
+        reader: GpuReader | None = None,
     ) -> None:
         """`run_dir` holds the token socket and the MPS directories (a fresh temporary
-        directory, removed on close, when None)."""
+        directory, removed on close, when None); `reader` reads the GPUs' NVML figures."""
         self.devices = devices
+        self._reader = reader or GpuReader()
         self._tokens = TokenService(window_s)
         self._given_run_dir = run_dir
         self._run_dir: RunDir | None = None  # set by start()
@@ -113,6 +116,7 @@ class NodeAgent:
         await asyncio.gather(*self._watchers, return_exceptions=True)
         await asyncio.gather(*(daemon.stop() for daemon in self._mps.values()))
         await self._tokens.close()
+        self._reader.close()
         if self._run_dir is not None and self._given_run_dir is None:
             shutil.rmtree(self._run_dir.root, ignore_errors=True)
 
@@ -131,6 +135,10 @@ class NodeAgent:
     def usage(self) -> list[FunctionUsage]:
         """Each function's share and use of each GPU, from the token service."""
         return self._tokens.usage()
+
+    def readings(self) -> list[GpuReading]:
+        """What NVML says of the node's GPUs now (nothing without NVML)."""
+        return self._reader.read([device.uuid for device in self.devices])
 
     def daemon(self, index: int) -> MpsDaemon | None:
         """The MPS daemon of GPU `index`, if it has one."""

@@ -59,6 +59,16 @@ class NodeCollector(Collector):
             "Tokens a GPU's scheduler granted to a function's gates (wait / grants: the mean wait)",
             labels=labels,
         )
+        queued = GaugeMetricFamily(
+            "fast_gshare_function_queued_requests",
+            "Requests waiting at a function's gates on a GPU for a token, as the gates last said",
+            labels=labels,
+        )
+        memory_limit = GaugeMetricFamily(
+            "fast_gshare_function_memory_limit_bytes",
+            "The GPU memory caps of a function's replicas on a GPU, summed (fastgshare/gpu_mem)",
+            labels=labels,
+        )
         for use in self._agent.usage():
             where = (use.function, use.gpu, self._node)
             charged.add_metric(where, use.charged_s)
@@ -69,6 +79,40 @@ class NodeCollector(Collector):
                 sm.add_metric(where, use.share.sm_percent / 100)
                 request.add_metric(where, use.share.quota_request)
                 limit.add_metric(where, use.share.quota_limit)
+                queued.add_metric(where, use.queued)
+            if use.memory_limit_bytes is not None:
+                memory_limit.add_metric(where, use.memory_limit_bytes)
+        return [charged, sm, request, limit, gates, waited, grants, queued, memory_limit,
+                *self._readings(), *self._mps()]  # fmt: skip
+
+    def _readings(self) -> list[Metric]:
+        """NVML's figures: each GPU's utilisation and memory used, each function's memory."""
+        utilization = GaugeMetricFamily(
+            "fast_gshare_gpu_utilization_ratio",
+            "Share of NVML's last sample period in which a kernel ran on the GPU "
+            "(DCGM_FI_DEV_GPU_UTIL / 100)",
+            labels=("gpu", "node"),
+        )
+        used = GaugeMetricFamily(
+            "fast_gshare_gpu_memory_used_bytes",
+            "GPU memory in use, by every process (DCGM_FI_DEV_FB_USED in bytes)",
+            labels=("gpu", "node"),
+        )
+        by_function = GaugeMetricFamily(
+            "fast_gshare_function_memory_used_bytes",
+            "GPU memory held by a function's processes on a GPU (hami_vgpu_memory_used_bytes)",
+            labels=("function_name", "gpu", "node"),
+        )
+        for reading in self._agent.readings():
+            if reading.utilization_ratio is not None:
+                utilization.add_metric((reading.uuid, self._node), reading.utilization_ratio)
+            used.add_metric((reading.uuid, self._node), reading.memory_used_bytes)
+            for function, held in sorted(reading.memory_by_function.items()):
+                by_function.add_metric((function, reading.uuid, self._node), held)
+        return [utilization, used, by_function]
+
+    def _mps(self) -> list[Metric]:
+        """Each GPU's MPS daemon: up or not, and how often its clients lost their server."""
         mps = GaugeMetricFamily(
             "fast_gshare_mps_daemon_up",
             "Whether a GPU's MPS control daemon runs (1) or not (0)",
@@ -87,4 +131,4 @@ class NodeCollector(Collector):
                 mps.add_metric(
                     (device.uuid, self._node), int(daemon is not None and daemon.running())
                 )
-        return [charged, sm, request, limit, gates, waited, grants, mps, losses]
+        return [mps, losses]

@@ -29,6 +29,7 @@ import yaml
 from faas_provider import __version__
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.mps import client_share_env, short_id
+from faas_provider.gpu.readings import function_env
 from faas_provider.gpu.share import GpuShare
 from faas_provider.models import FUNCTION_LABEL, FunctionDeployment
 from faas_provider.node.agent import RunDir
@@ -157,6 +158,8 @@ def function_deployment(
         }
     elif share is not None:
         env["NVIDIA_DRIVER_CAPABILITIES"] = "compute,utility"
+    if share is not None:
+        env |= function_env(f"{name}.{deployment.namespace}")
     return render(
         "function-deployment.yaml.j2",
         name=deployment_name(name, gpu.uuid if gpu else None),

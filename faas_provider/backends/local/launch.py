@@ -21,6 +21,7 @@ from typing import Any
 
 from faas_provider.errors import InvalidRequest
 from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.gpu.readings import function_env
 from faas_provider.gpu.share import GpuShare
 from faas_provider.models import FunctionDeployment
 from faas_provider.node.agent import NodeAgent
@@ -93,17 +94,20 @@ def on_gpu(
     behind a gate registered with the node's token service (unless it holds the GPU whole:
     nobody to share time with)."""
     daemon = node.daemon(device.index)
+    env = function_env(function)
     if daemon is not None and not share.exclusive:
-        env = daemon.client_env(share.sm_percent, share.memory_bytes)
-    else:
-        env = {} if device.virtual else {"CUDA_VISIBLE_DEVICES": device.uuid}
+        env |= daemon.client_env(share.sm_percent, share.memory_bytes)
+    elif not device.virtual:
+        env["CUDA_VISIBLE_DEVICES"] = device.uuid
     gate_argv = None
     if not share.exclusive:
         gate_argv = [sys.executable, "-m", "faas_provider.gate"]
         gate_argv += ["--token-socket", str(node.token_socket)]
         gate_argv += share.registration(device.uuid, client, function).argv()
         gate_argv += ["--parent-pid", str(os.getpid())]
-    return replace(spec, env={**spec.env, **env}, gate_argv=gate_argv)
+    # The share's variables come first (/proc cuts a forked child's long environment at its
+    # end, and the GPU readings look for the function's name there) and win over the rest.
+    return replace(spec, env={**env, **spec.env, **env}, gate_argv=gate_argv)
 
 
 def _image_segment(image: str) -> str:
