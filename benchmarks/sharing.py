@@ -33,6 +33,7 @@ of fast-gshare, only its MPS daemon control; the full-path modes run fast-gshare
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -852,7 +853,8 @@ def _charged_gpu_seconds(function: str) -> dict[str, float]:
 
 def memory_cap(args: argparse.Namespace) -> dict[str, Any]:
     """A function capped at 2 GiB that allocates 3 GB fails alone; 1 GB works; a neighbour
-    keeps answering throughout."""
+    keeps answering throughout. Under the neighbour's load, the GPU readings of the provider's
+    /metrics are set beside nvidia-smi's."""
     import urllib.error
     import urllib.request
 
@@ -875,9 +877,70 @@ def memory_cap(args: argparse.Namespace) -> dict[str, Any]:
             except urllib.error.HTTPError as error:
                 outcome[f"{gigabytes}GB"] = (error.code, error.read().decode()[:200])
             print(f"memory-cap: allocate {gigabytes} GB -> {outcome[f'{gigabytes}GB']}", flush=True)
-        latencies = drive(base, ["neighbour"], 3, clients=1)
-        outcome["neighbour_answered"] = len(latencies["neighbour"])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            load = pool.submit(drive, base, ["neighbour"], 10, 4)
+            time.sleep(4)  # the neighbour under load: the GPU is busy
+            outcome["readings"] = [gpu_readings(base)]
+            for _ in range(3):
+                time.sleep(1)
+                outcome["readings"].append(gpu_readings(base))
+            outcome["neighbour_answered"] = len(load.result()["neighbour"])
     return {"mode": "memory-cap", **outcome}
+
+
+def gpu_readings(base: str) -> dict[str, Any]:
+    """What the provider's /metrics says of GPU 0 (NVML) beside what nvidia-smi says at the
+    same moment: memory per function, per process and in all, and utilisation."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    ours: dict[str, Any] = {"function_memory_used": {}, "function_memory_limit": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            function = sample.labels.get("function_name")
+            if sample.name == "fast_gshare_function_memory_used_bytes":
+                ours["function_memory_used"][function] = sample.value
+            elif sample.name == "fast_gshare_function_memory_limit_bytes":
+                ours["function_memory_limit"][function] = sample.value
+            elif sample.name == "fast_gshare_gpu_memory_used_bytes":
+                ours["gpu_memory_used"] = sample.value
+            elif sample.name == "fast_gshare_gpu_utilization_ratio":
+                ours["gpu_utilization"] = sample.value
+
+    def smi(*query: str) -> list[list[str]]:
+        lines = subprocess.run(
+            ["nvidia-smi", *query, "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip().splitlines()  # fmt: skip
+        return [[cell.strip() for cell in line.split(",")] for line in lines]
+
+    (used_mib, utilization), *_ = smi("--query-gpu=memory.used,utilization.gpu")
+    processes = smi("--query-compute-apps=pid,process_name,used_memory")
+    theirs = {
+        "gpu_memory_used": float(used_mib) * 2**20,
+        "gpu_utilization": float(utilization) / 100,
+        "processes": [(int(pid), name, float(mib) * 2**20) for pid, name, mib in processes],
+    }
+    clients = sum(b for _, name, b in theirs["processes"] if "mps-server" not in name)
+    ours_total = sum(ours["function_memory_used"].values())
+    for function in sorted(ours["function_memory_used"]):
+        held = ours["function_memory_used"][function] / 2**30
+        cap = ours["function_memory_limit"].get(function)
+        capped = f" of its cap {cap / 2**30:.2f} GiB" if cap else ""
+        print(f"  readings: {function} holds {held:.2f} GiB{capped}", flush=True)
+    gib = 2**30
+    print(
+        f"  readings: functions hold {ours_total / gib:.2f} GiB, nvidia-smi's client processes "
+        f"{clients / gib:.2f} GiB; GPU memory used {ours['gpu_memory_used'] / gib:.2f} GiB "
+        f"(nvidia-smi {theirs['gpu_memory_used'] / gib:.2f}); utilisation "
+        f"{ours.get('gpu_utilization', float('nan')):.0%} "
+        f"(nvidia-smi {theirs['gpu_utilization']:.0%})",
+        flush=True,
+    )
+    return {"fast_gshare": ours, "nvidia_smi": theirs, "client_processes_bytes": clients}
 
 
 def faults(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -168,13 +173,21 @@ class _Replicas(Collector):
             "health checks), recycled (its GPU's MPS server was lost)",
             labels=("function_name", "reason"),
         )
+        waiting = InfoMetricFamily(
+            "fast_gshare_function_pending",
+            "Why a function's pending replicas wait (while some do): the GPUs' room against "
+            "what one replica needs",
+            labels=("function_name",),
+        )
         for (namespace, name), counts in sorted(self._counts().items()):
             function = f"{name}.{namespace}"
             for state in ("desired", "available", "pending"):
                 family.add_metric((function, state), getattr(counts, state))
             for reason, count in sorted(counts.restarts.items()):
                 restarts.add_metric((function, reason), count)
-        return [family, restarts]
+            if counts.pending and counts.pending_reason:
+                waiting.add_metric((function,), {"reason": counts.pending_reason})
+        return [family, restarts, waiting]
 
 
 class PlacementCollector(Collector):

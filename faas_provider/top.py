@@ -3,7 +3,9 @@
 It reads the provider's /metrics (and, on a cluster, the node agents' with `--node-metrics`),
 once a second, and shows per GPU the functions placed there: SM share, quota request and
 limit, the share of the GPU's time each used over the last interval, requests per second and
-p99 latency over it, replicas ready of desired and pending. What `nvidia-smi` cannot show. When
+p99 latency over it, replicas ready of desired and pending, and why the pending ones wait; then
+the GPUs' utilisation and memory as NVML reads them, each function's memory against its caps,
+and the requests waiting at its gates. What `nvidia-smi` cannot show. When
 a source does not answer it says so in a line and keeps trying.
 """
 
@@ -23,6 +25,10 @@ from rich.table import Table
 from rich.text import Text
 
 Labels = tuple[tuple[str, str], ...]
+FUNCTION_COLUMNS = ("req/s", "p99", "ready", "pending")
+UTILIZATION = "fast_gshare_gpu_utilization_ratio"
+GPU_MEMORY_USED = "fast_gshare_gpu_memory_used_bytes"
+GPU_MEMORY_TOTAL = "fast_gshare_gpu_memory_total_bytes"
 
 
 @dataclass
@@ -120,21 +126,38 @@ def view(now: Sample, before: Sample | None) -> RenderableType:
         _label(labels, "gpu"): (_label(labels, "node"), value)
         for labels, value in now.series("fast_gshare_gpu_footprint_allocated_ratio").items()
     }
+    busy = {_label(labels, "gpu"): v for labels, v in now.series(UTILIZATION).items()}
+    in_use = {_label(labels, "gpu"): v for labels, v in now.series(GPU_MEMORY_USED).items()}
+    total = {_label(labels, "gpu"): v for labels, v in now.series(GPU_MEMORY_TOTAL).items()}
     for gpu in sorted(set(gpus) | set(on_gpu)):
         node, footprint = gpus.get(gpu, ("", math.nan))
         title = f"GPU {gpu}" + (f" on {node}" if node else "")
         if not math.isnan(footprint):
             title += f"  placed {footprint:.0%} of its SM-time"
+        if gpu in busy:
+            title += f"  busy {busy[gpu]:.0%}"
+        if gpu in in_use and gpu in total:
+            title += f"  memory {_gib(in_use[gpu])} of {_gib(total[gpu])}"
         table = Table(title=title, title_justify="left")
         table.add_column("function", min_width=24, no_wrap=True)
-        for column in ("SM", "quota", "GPU time", "req/s", "p99", "ready", "pending"):
+        for column in ("SM", "quota", "GPU time", "memory", "queued", *FUNCTION_COLUMNS):
             table.add_column(column, justify="right")
         for function in sorted(on_gpu.get(gpu, [])):
             sm = share("fast_gshare_function_sm_share_ratio", function, gpu)
             low = share("fast_gshare_function_quota_request_ratio", function, gpu)
             high = share("fast_gshare_function_quota_limit_ratio", function, gpu)
-            table.add_row(*_row(function, sm, low, high, used.get((function, gpu)), now, before,
-                                calls, replicas))  # fmt: skip
+            held = share("fast_gshare_function_memory_used_bytes", function, gpu)
+            cap = share("fast_gshare_function_memory_limit_bytes", function, gpu)
+            queued = share("fast_gshare_function_queued_requests", function, gpu)
+            time_used = used.get((function, gpu))
+            on_this_gpu = [
+                "-" if sm is None else f"{sm:.0%}",
+                "-" if low is None else f"{low:.2f}..{high:.2f}",
+                "-" if time_used is None else f"{time_used:.0%}",
+                ("-" if held is None else _gib(held)) + ("" if cap is None else f" / {_gib(cap)}"),
+                "-" if queued is None else f"{queued:.0f}",
+            ]
+            table.add_row(function, *on_this_gpu, *_load(function, now, before, calls, replicas))
         parts.append(table)
     shared = {function for functions in on_gpu.values() for function in functions}
     plain = sorted(f for (f, state) in replicas if state == "desired" and f not in shared)
@@ -144,42 +167,42 @@ def view(now: Sample, before: Sample | None) -> RenderableType:
             title_justify="left",
         )
         table.add_column("function", min_width=24, no_wrap=True)
-        for column in ("req/s", "p99", "ready", "pending"):
+        for column in FUNCTION_COLUMNS:
             table.add_column(column, justify="right")
         for function in plain:
-            row = _row(function, None, None, None, None, now, before, calls, replicas)
-            table.add_row(row[0], *row[4:])
+            table.add_row(function, *_load(function, now, before, calls, replicas))
         parts.append(table)
+    for labels in sorted(now.series("fast_gshare_function_pending_info")):
+        function, reason = _label(labels, "function_name"), _label(labels, "reason")
+        count = replicas.get((function, "pending"), 0)
+        parts.append(Text(f"{function}: {count:.0f} pending: {reason}", style="yellow"))
     if len(parts) == len(now.problems):
         parts.append(Text("no functions yet"))
     return Group(*parts)
 
 
-def _row(
+def _load(
     function: str,
-    sm: float | None,
-    low: float | None,
-    high: float | None,
-    used: float | None,
     now: Sample,
     before: Sample | None,
     calls: dict[str, float],
     replicas: dict[tuple[str, str], float],
 ) -> list[str]:
+    """The FUNCTION_COLUMNS cells of `function`: its calls and its replicas."""
     p99 = _p99(now, before, function)
     available = replicas.get((function, "available"), 0)
     ready = f"{available:.0f}/{replicas.get((function, 'desired'), 0):.0f}"
     pending = replicas.get((function, "pending"), 0)
     return [
-        function,
-        "-" if sm is None else f"{sm:.0%}",
-        "-" if low is None else f"{low:.2f}..{high:.2f}",
-        "-" if used is None else f"{used:.0%}",
         "-" if before is None else f"{calls.get(function, 0.0):.1f}",
         "-" if p99 is None else f"{p99 * 1000:.0f} ms",
         ready,
         f"{pending:.0f}" if pending else "",
     ]
+
+
+def _gib(count: float) -> str:
+    return f"{count / 1024**3:.1f} GiB"
 
 
 async def top(urls: list[str], interval_s: float = 1.0) -> None:

@@ -2,7 +2,7 @@
 
 Its GPUs are named by UUID, each with a utilisation; their compute processes are the PIDs
 `processes()` returns, each holding `process_bytes` (as NVML lists MPS clients), and the memory
-used is `base_bytes` (the MPS server, the driver) plus theirs."""
+used is `base_bytes` (the MPS server) plus theirs, and RESERVED_BYTES more in NVML's v1 figure."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ class NVMLError(Exception):
     pass
 
 
+RESERVED_BYTES = 512 * 1024**2
+
+
 class FakeNvml:
     NVMLError = NVMLError
+    nvmlMemory_v2 = 0x02000028
 
     def __init__(
         self,
@@ -47,8 +51,10 @@ class FakeNvml:
     def nvmlDeviceGetUtilizationRates(self, handle: str) -> SimpleNamespace:
         return SimpleNamespace(gpu=self.utilization[handle], memory=0)
 
-    def nvmlDeviceGetMemoryInfo(self, handle: str) -> SimpleNamespace:
+    def nvmlDeviceGetMemoryInfo(self, handle: str, version: int | None = None) -> SimpleNamespace:
         used = self.base_bytes + len(self.processes()) * self.process_bytes
+        if version is None:  # v1 counts what the driver reserves as used too
+            used += RESERVED_BYTES
         return SimpleNamespace(used=used, total=16 * 1024**3, free=16 * 1024**3 - used)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[SimpleNamespace]:

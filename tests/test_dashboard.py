@@ -13,9 +13,11 @@ from typing import Any
 from faas_provider.api.app import create_app
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.gpu.readings import GpuReader
 from faas_provider.node.agent import NodeAgent
 from faas_provider.settings import Settings
 from tests.conftest import ECHO, REPO, faas_cli_deploy, wait_available
+from tests.fake_nvml import FakeNvml, replica_processes
 from tests.prom import prometheus
 
 DASHBOARD = REPO / "k8s" / "grafana" / "fast-gshare.json"
@@ -42,14 +44,17 @@ def queries() -> list[tuple[str, str]]:
 async def test_every_panel_query_runs_and_names_only_exported_metrics(
     aiohttp_client: Any, settings: Settings, functions_root: Path, tmp_path: Path
 ) -> None:
+    nvml = FakeNvml({GPU.uuid: 55}, replica_processes)  # so the NVML panels have data
+    reader = GpuReader(nvml)
     backend = LocalBackend(
         settings.local.state_dir,
         functions_root,
-        node=NodeAgent([GPU], window_s=0.1, mps_binary=FAKE_MPS),
+        node=NodeAgent([GPU], window_s=0.1, mps_binary=FAKE_MPS, reader=reader),
     )
     client = await aiohttp_client(create_app(backend, settings))
     async with prometheus(tmp_path, [f"127.0.0.1:{client.server.port}"]) as server:
-        shared = {**ECHO, "service": "shared", "annotations": {"fastgshare/gpu_sm_partition": "40"}}
+        share = {"fastgshare/gpu_sm_partition": "40", "fastgshare/gpu_mem": "1Gi"}
+        shared = {**ECHO, "service": "shared", "annotations": share}
         failing = {**ECHO, "service": "failing", "envProcess": "false"}  # exits 1: a 500
         for body in (ECHO, shared, failing):
             assert await faas_cli_deploy(client, body) == 202

@@ -28,6 +28,7 @@ from tests.conftest import ECHO, faas_cli_deploy, wait_available
 
 NS = kube.FUNCTION_NAMESPACE
 SHARED = {"fastgshare/gpu_sm_partition": "40", "fastgshare/gpu_mem": "2Gi"}
+PENDING_INFO = "fast_gshare_function_pending_info{"
 
 
 @contextlib.asynccontextmanager
@@ -147,6 +148,8 @@ async def test_a_restarted_provider_finds_functions_counts_and_placement_again(
                     f'fast_gshare_function_replicas{{function_name="third.{NS}",state="{state}"}}'
                 )
                 assert f"{series} {count}.0" in metrics
+            why = next(line for line in metrics.splitlines() if line.startswith(PENDING_INFO))
+            assert f'function_name="third.{NS}"' in why and "has 20 of 100 SM-time left" in why
 
 
 async def test_replicas_spread_to_a_second_gpu_node_when_the_first_is_full(

@@ -85,6 +85,11 @@ async def test_replicas_desired_available_and_pending_per_function(
         ):
             query = (replicas % (function, state)).replace("'", '"')
             assert await server.settled(query, expected) == expected, query
+        (why,) = await server.query('fast_gshare_function_pending_info{function_name=~".*"}')
+        assert why["metric"]["function_name"] == "second.openfaas-fn", "only it waits"
+        assert why["metric"]["reason"] == (
+            "GPU 0 has 40 of 100 SM-time left, the replica needs 60"
+        ), "the room placement found against what one replica needs"
 
 
 async def test_gpu_memory_and_utilisation_from_nvml_per_gpu_and_per_function(
@@ -103,9 +108,9 @@ async def test_gpu_memory_and_utilisation_from_nvml_per_gpu_and_per_function(
             "annotations": {"fastgshare/gpu_sm_partition": "40", "fastgshare/gpu_mem": "1Gi"},
             "labels": {"com.openfaas.scale.min": "2"},
         }
-        for body in (ECHO, capped):
+        for body, count in ((ECHO, 1), (capped, 2)):
             assert await faas_cli_deploy(client, body) == 202
-            await wait_available(client, body["service"])
+            await wait_available(client, body["service"], count)
         where = '{function_name="capped.openfaas-fn",gpu="GPU-fake-0"}'
         used = f"fast_gshare_function_memory_used_bytes{where}"
         assert await server.settled(used, 2 * 256 * MIB) == 2 * 256 * MIB, "its two replicas"

@@ -42,7 +42,7 @@ def test_each_processs_memory_counts_for_the_function_its_environment_names(
     (reading,) = reader.read(["GPU-a", "virtual-0"])  # NVML knows no virtual GPU
     assert reading.uuid == "GPU-a"
     assert reading.utilization_ratio == pytest.approx(0.42)
-    assert reading.memory_used_bytes == 10 * MIB + 5 * 100 * MIB, "NVML's figure, as it is"
+    assert reading.memory_used_bytes == 10 * MIB + 5 * 100 * MIB, "NVML's v2: nvidia-smi's"
     assert reading.memory_by_function == {"a.fn": 200 * MIB, "b.fn": 100 * MIB}
     reader.close()
     assert nvml.initialised == 0, "NVML is let go"

@@ -17,9 +17,11 @@ import pytest
 from faas_provider.api.app import create_app
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.gpu.discovery import GpuDevice
+from faas_provider.gpu.readings import GpuReader
 from faas_provider.node.agent import NodeAgent
 from faas_provider.settings import Settings
 from tests.conftest import ECHO, REPO, faas_cli_deploy, wait_available
+from tests.fake_nvml import FakeNvml, replica_processes
 
 VIRTUAL = GpuDevice(0, "virtual-0", "virtual", 16 * 1024**3, virtual=True)
 
@@ -70,9 +72,9 @@ async def until_shown(session: str, *texts: str, timeout_s: float = 15.0) -> str
 async def test_top_shows_each_gpus_functions_with_their_shares_and_load(
     aiohttp_client: Any, settings: Settings, functions_root: Path
 ) -> None:
-    backend = LocalBackend(
-        settings.local.state_dir, functions_root, node=NodeAgent([VIRTUAL], window_s=0.1)
-    )
+    nvml = FakeNvml({VIRTUAL.uuid: 37}, replica_processes, process_bytes=512 * 1024**2)
+    node = NodeAgent([VIRTUAL], window_s=0.1, reader=GpuReader(nvml))
+    backend = LocalBackend(settings.local.state_dir, functions_root, node=node)
     client = await aiohttp_client(create_app(backend, settings))
     gpu = {"fastgshare/gpu_sm_partition": "40", "fastgshare/gpu_quota_request": "0.5"}
     assert await faas_cli_deploy(client, {**ECHO, "service": "shared", "annotations": gpu}) == 202
@@ -99,10 +101,16 @@ async def test_top_shows_each_gpus_functions_with_their_shares_and_load(
             cells = row_of(shown, "shared.openfaas-fn")
             assert cells[:3] == ["shared.openfaas-fn", "40%", "0.50..1.00"], shown
             assert cells[3].endswith("%") and 0 < int(cells[3][:-1]) <= 100, "GPU time used"
-            assert float(cells[4]) > 5, f"shared is called ~40 times a second: {cells}"
-            assert cells[5].endswith(" ms"), cells
-            assert cells[6:] == ["1/1", ""], cells
+            assert cells[4:6] == ["0.5 GiB", "0"], "its replica's memory (NVML), none queued"
+            assert float(cells[6]) > 5, f"shared is called ~40 times a second: {cells}"
+            assert cells[7].endswith(" ms"), cells
+            assert cells[8:] == ["1/1", ""], cells
+            assert "busy 37%  memory" in shown, "the GPU as NVML reads it"
             assert row_of(shown, "waiting.openfaas-fn")[-2:] == ["0/1", "1"], "pending"
+            assert (
+                "waiting.openfaas-fn: 1 pending: GPU 0 has 80 of 100 SM-time left, the replica "
+                "needs 90" in " ".join(shown.split())
+            ), "and why"
             assert "Functions on no GPU now" in shown and "echo.openfaas-fn" in shown
             stop.set()
             await load

@@ -36,6 +36,7 @@ class ReplicaCounts:
     available: int  # ready to take requests
     pending: int  # wanted, but no GPU has room for them yet
     restarts: dict[str, int] = field(default_factory=dict)  # by reason, since the provider started
+    pending_reason: str | None = None  # why the pending ones wait, while some do
 
 
 class Backend(Protocol):

@@ -65,7 +65,7 @@ class GpuReader:
         for uuid in uuids:
             try:
                 handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
-                used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+                used = _memory_used(nvml, handle)
                 processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
             except nvml.NVMLError:
                 continue  # not an NVML GPU (a virtual one), or gone
@@ -128,3 +128,15 @@ class GpuReader:
             return None
         self._started = True
         return self._nvml
+
+
+def _memory_used(nvml: ModuleType | Any, handle: Any) -> int:
+    """Memory in use as nvidia-smi and DCGM count it: NVML's v2 figure, which leaves out what
+    the driver reserves (the v1 figure, where v2 is missing, counts that too)."""
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            return int(nvml.nvmlDeviceGetMemoryInfo(handle, version=version).used)
+        except nvml.NVMLError:
+            pass
+    return int(nvml.nvmlDeviceGetMemoryInfo(handle).used)

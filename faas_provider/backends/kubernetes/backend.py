@@ -278,7 +278,10 @@ class KubernetesBackend:
             waiting = share is not None and not share.exclusive
             pending = max(0, desired - self._placed(name, namespace)) if waiting else 0
             counts[(namespace, name)] = ReplicaCounts(
-                desired, self._available(name, namespace), pending
+                desired,
+                self._available(name, namespace),
+                pending,
+                pending_reason=self._why_pending(record_of(service)) if pending else None,
             )
         return counts
 

@@ -269,7 +269,11 @@ class LocalBackend:
                 restarts.update(replica.restarts)
             ready = len(function.ready())
             counts[key] = ReplicaCounts(
-                function.stored.replicas, ready, function.pending, dict(restarts)
+                function.stored.replicas,
+                ready,
+                function.pending,
+                dict(restarts),
+                function.pending_reason if function.pending else None,
             )
         return counts
 
