@@ -1,0 +1,282 @@
+"""The autoscaler's decisions, pure: numbers in, a plan out, no I/O and no clock.
+
+`plan()` picks, for a request rate, the GPU setting (SM partition, quota, concurrency) and the
+replica count that serve the rate with headroom (each replica loaded to TARGET_UTILISATION of
+what its profile says it serves within the latency target) at the least GPU footprint: SM share
+x quota summed over the replicas. Without a profile it scales replicas alone, on the OpenFaaS
+target of requests per second per replica (`com.openfaas.scale.target`, default 50).
+
+`FunctionScaler` follows one function's rate over time as Knative's autoscaler does: a stable
+window (60 s) to follow the load without flapping, a panic window (6 s) entered when it asks for
+twice the replicas that are ready, in which it never scales down; scale to zero after the idle
+period when `com.openfaas.scale.zero` allows it. The cluster simulator runs this same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from faas_provider.errors import InvalidRequest
+from faas_provider.models import MAX_REPLICAS, SCALE_MIN_LABEL
+from faas_provider.profile.model import Capacity
+
+SCALE_MAX_LABEL = "com.openfaas.scale.max"
+SCALE_ZERO_LABEL = "com.openfaas.scale.zero"
+SCALE_ZERO_DURATION_LABEL = "com.openfaas.scale.zero-duration"
+SCALE_TARGET_LABEL = "com.openfaas.scale.target"
+LATENCY_SLO_ANNOTATION = "fastgshare/latency_slo_ms"
+
+TARGET_UTILISATION = 0.7  # Knative's: each replica is planned at 70% of what it can serve
+STABLE_WINDOW_S = 60.0
+PANIC_WINDOW_S = 6.0
+PANIC_THRESHOLD = 2.0  # panic when the panic window asks for 200% of the ready replicas
+SETTING_CHANGE_SAVING = 0.2  # change the setting (new replicas) only to save 20% of footprint
+DEFAULT_MAX_REPLICAS = 20  # OpenFaaS's default for com.openfaas.scale.max
+DEFAULT_TARGET_RPS = 50.0  # OpenFaaS's default com.openfaas.scale.target (type rps)
+DEFAULT_ZERO_DURATION_S = 15 * 60.0  # OpenFaaS's default com.openfaas.scale.zero-duration
+
+
+@dataclass(frozen=True)
+class ScaleBounds:
+    """What a function's OpenFaaS labels allow the autoscaler."""
+
+    min_replicas: int = 1
+    max_replicas: int = DEFAULT_MAX_REPLICAS
+    zero: bool = False
+    zero_duration_s: float = DEFAULT_ZERO_DURATION_S
+    target_rps: float = DEFAULT_TARGET_RPS  # per replica, without a profile
+
+    @classmethod
+    def from_labels(cls, labels: Mapping[str, str]) -> ScaleBounds:
+        """The bounds in `labels`; InvalidRequest naming the label that is not valid."""
+        low = _whole(labels, SCALE_MIN_LABEL, 1)
+        high = _whole(labels, SCALE_MAX_LABEL, max(low, DEFAULT_MAX_REPLICAS))
+        if high < low:
+            raise InvalidRequest(
+                f"label {SCALE_MAX_LABEL} ({high}) is below {SCALE_MIN_LABEL} ({low})"
+            )
+        zero = labels.get(SCALE_ZERO_LABEL, "false").lower()
+        if zero not in ("true", "false"):
+            raise InvalidRequest(f"label {SCALE_ZERO_LABEL} must be true or false, not {zero!r}")
+        return cls(
+            min_replicas=low,
+            max_replicas=high,
+            zero=zero == "true",
+            zero_duration_s=_duration(labels.get(SCALE_ZERO_DURATION_LABEL)),
+            target_rps=_positive(labels, SCALE_TARGET_LABEL, DEFAULT_TARGET_RPS),
+        )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A replica's GPU setting."""
+
+    sm_percent: int
+    quota: float
+    concurrency: int
+
+    @property
+    def footprint(self) -> float:
+        return self.sm_percent / 100 * self.quota
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Replicas, at a setting (None: the function's own, without a profile), and why."""
+
+    replicas: int
+    setting: Setting | None
+    serves_rps: float  # what the replicas serve within the target, at full load
+    reason: str
+
+    @property
+    def footprint(self) -> float:
+        """SM share x quota summed over the replicas (0 without a setting)."""
+        return self.replicas * (self.setting.footprint if self.setting else 0.0)
+
+
+def plan(
+    rate_rps: float,
+    capacities: list[Capacity],
+    bounds: ScaleBounds,
+    current: Setting | None = None,
+) -> Plan:
+    """The replicas and setting for `rate_rps`: the least footprint that serves it with
+    headroom; the function's `current` setting unless another saves SETTING_CHANGE_SAVING of
+    the footprint or the current cannot serve the rate. Without capacities, replicas on
+    `bounds.target_rps` alone."""
+    floor = max(bounds.min_replicas, 1 if rate_rps > 0 else 0)
+    if not capacities:
+        need = math.ceil(rate_rps / bounds.target_rps) if rate_rps > 0 else 0
+        replicas = min(max(need, floor), bounds.max_replicas)
+        reason = f"{rate_rps:.1f} req/s at {bounds.target_rps:g} req/s a replica (no profile)" + (
+            f"; held at the most, {bounds.max_replicas}" if need > bounds.max_replicas else ""
+        )
+        return Plan(replicas, None, replicas * bounds.target_rps, reason)
+    options = [_option(rate_rps, c, floor, bounds) for c in capacities]
+    serving = [o for o in options if o.serves_rps * TARGET_UTILISATION >= rate_rps]
+    if not serving:
+        best = max(options, key=lambda o: o.serves_rps)
+        return Plan(
+            best.replicas,
+            best.setting,
+            best.serves_rps,
+            f"{rate_rps:.1f} req/s is past what {bounds.max_replicas} replicas serve within "
+            f"the target ({best.serves_rps:.0f} req/s at best): the most it may have",
+        )
+    best = min(serving, key=lambda o: (o.footprint, o.replicas, -o.setting.sm_percent))  # type: ignore[union-attr]
+    kept = next((o for o in serving if o.setting == current), None)
+    if kept is not None and kept.footprint <= best.footprint * (1 + SETTING_CHANGE_SAVING):
+        best = kept
+    assert best.setting is not None
+    s = best.setting
+    return Plan(
+        best.replicas,
+        s,
+        best.serves_rps,
+        f"{rate_rps:.1f} req/s: {best.replicas} x ({s.sm_percent}% SMs, quota {s.quota:g}, "
+        f"{s.concurrency} in flight) serve {best.serves_rps:.0f} req/s within the target, "
+        f"footprint {best.footprint:.2f} GPU",
+    )
+
+
+def _option(rate_rps: float, capacity: Capacity, floor: int, bounds: ScaleBounds) -> Plan:
+    per_replica = capacity.throughput_rps
+    need = math.ceil(rate_rps / (per_replica * TARGET_UTILISATION)) if rate_rps > 0 else 0
+    replicas = min(max(need, floor), bounds.max_replicas)
+    setting = Setting(capacity.sm_percent, capacity.quota, capacity.concurrency)
+    return Plan(replicas, setting, replicas * per_replica, "")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the autoscaler asks of one function at one tick."""
+
+    plan: Plan
+    panic: bool
+    stable_rps: float
+    panic_rps: float
+
+
+class FunctionScaler:
+    """One function's rate over the stable and panic windows, and the plan for it."""
+
+    def __init__(self, bounds: ScaleBounds, capacities: list[Capacity]) -> None:
+        self.bounds = bounds
+        self.capacities = capacities
+        self._counts: deque[tuple[float, float]] = deque()  # (time, calls so far)
+        self._panic_until: float | None = None  # in panic until then, unless it triggers again
+        self._last_call = 0.0  # when calls were last seen arriving
+        self._started: float | None = None
+
+    def observe(self, now: float, calls_total: float) -> None:
+        """Record the function's call counter (a total that only grows) at `now`."""
+        if self._started is None:
+            self._started = self._last_call = now
+        if self._counts and calls_total > self._counts[-1][1]:
+            self._last_call = now
+        self._counts.append((now, calls_total))
+        while len(self._counts) > 2 and self._counts[1][0] <= now - STABLE_WINDOW_S:
+            self._counts.popleft()
+
+    def rate(self, now: float, window_s: float) -> float:
+        """Calls per second over the last `window_s` (or what history there is)."""
+        if len(self._counts) < 2:
+            return 0.0
+        end_time, end_count = self._counts[-1]
+        start_time, start_count = self._counts[0]
+        for time_, count in self._counts:
+            if time_ >= now - window_s:
+                break
+            start_time, start_count = time_, count
+        span = end_time - start_time
+        return max(0.0, end_count - start_count) / span if span > 0 else 0.0
+
+    def decide(self, now: float, ready: int, current: Setting | None, desired: int) -> Decision:
+        """The plan at `now`, with `ready` replicas serving, at setting `current`, `desired`
+        asked for so far."""
+        stable = self.rate(now, STABLE_WINDOW_S)
+        panic_rate = self.rate(now, PANIC_WINDOW_S)
+        stable_plan = plan(stable, self.capacities, self.bounds, current)
+        panic_plan = plan(panic_rate, self.capacities, self.bounds, current)
+        if panic_plan.replicas >= PANIC_THRESHOLD * max(ready, 1) and panic_plan.replicas > ready:
+            self._panic_until = now + STABLE_WINDOW_S
+        panicking = self._panic_until is not None and now < self._panic_until
+        if not panicking:
+            self._panic_until = None
+            chosen = stable_plan
+        elif panic_plan.replicas >= desired:
+            chosen = Plan(
+                panic_plan.replicas,
+                panic_plan.setting,
+                panic_plan.serves_rps,
+                f"panic (a burst: {panic_rate:.1f} req/s over {PANIC_WINDOW_S:g} s): "
+                + panic_plan.reason,
+            )
+        else:  # in panic it never scales down
+            chosen = Plan(
+                desired,
+                current,
+                panic_plan.serves_rps,
+                f"panic: holding {desired} replicas until the burst has passed",
+            )
+        idle_s = now - self._last_call
+        idle = stable == 0 and panic_rate == 0 and idle_s >= self.bounds.zero_duration_s
+        if self.bounds.zero and idle and chosen.replicas > 0:
+            chosen = Plan(0, chosen.setting, 0.0, f"idle for {idle_s:.0f} s: scaled to zero")
+        return Decision(chosen, panicking, stable, panic_rate)
+
+
+def _whole(labels: Mapping[str, str], label: str, default: int) -> int:
+    text = labels.get(label)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_REPLICAS:
+        raise InvalidRequest(f"label {label} must be a whole number from 0 to {MAX_REPLICAS}, "
+                             f"not {text!r}")  # fmt: skip
+    return value
+
+
+def _positive(labels: Mapping[str, str], label: str, default: float) -> float:
+    text = labels.get(label)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or math.isinf(value):
+        raise InvalidRequest(f"label {label} must be a positive number, not {text!r}")
+    return value
+
+
+def _duration(text: str | None) -> float:
+    """Seconds in a Go duration as OpenFaaS writes them (`15m`, `30s`, `1h30m`, `90`)."""
+    if text is None:
+        return DEFAULT_ZERO_DURATION_S
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    total, number, rest = 0.0, "", text.strip()
+    if rest.replace(".", "", 1).isdigit():
+        return float(rest)
+    i = 0
+    try:
+        while i < len(rest):
+            while i < len(rest) and (rest[i].isdigit() or rest[i] == "."):
+                number += rest[i]
+                i += 1
+            unit = "ms" if rest[i : i + 2] == "ms" else rest[i]
+            i += len(unit)
+            total += float(number) * units[unit]
+            number = ""
+    except (IndexError, KeyError, ValueError):
+        raise InvalidRequest(
+            f"label {SCALE_ZERO_DURATION_LABEL} must be a duration such as 15m or 30s, not {text!r}"
+        ) from None
+    return total

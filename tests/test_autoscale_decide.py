@@ -1,0 +1,152 @@
+"""The autoscaler's decisions with numbers: the least footprint that serves a rate, a setting
+kept unless another saves enough, the OpenFaaS bounds, and the stable and panic windows over
+steady, flapping, bursting and idle rates."""
+
+from __future__ import annotations
+
+import pytest
+
+from faas_provider.autoscale.decide import (
+    PANIC_WINDOW_S,
+    STABLE_WINDOW_S,
+    FunctionScaler,
+    ScaleBounds,
+    Setting,
+    plan,
+)
+from faas_provider.errors import InvalidRequest
+from faas_provider.profile.model import Capacity
+
+# one replica's throughput within the target at each (SM partition, quota), as a profile says
+CAPACITIES = [
+    Capacity(sm_percent=100, quota=1.0, concurrency=8, throughput_rps=1000, p99_ms=20),
+    Capacity(sm_percent=50, quota=1.0, concurrency=8, throughput_rps=800, p99_ms=25),
+    Capacity(sm_percent=25, quota=1.0, concurrency=4, throughput_rps=450, p99_ms=30),
+    Capacity(sm_percent=25, quota=0.5, concurrency=2, throughput_rps=200, p99_ms=45),
+]
+BOUNDS = ScaleBounds(min_replicas=1, max_replicas=20)
+
+
+def test_the_least_footprint_that_serves_the_rate_with_headroom() -> None:
+    low = plan(300, CAPACITIES, BOUNDS)  # 25% x 1.0 serves 450 x 0.7 = 315 alone
+    assert (low.replicas, low.setting) == (1, Setting(25, 1.0, 4))
+    assert low.footprint == pytest.approx(0.25)
+    high = plan(2000, CAPACITIES, BOUNDS)  # 7 x 0.25 = 1.75 beats 4 x 0.5 and 3 x 1.0
+    assert (high.replicas, high.setting) == (7, Setting(25, 1.0, 4))
+    assert high.footprint == pytest.approx(1.75)
+    assert "2000.0 req/s: 7 x (25% SMs, quota 1, 4 in flight)" in high.reason
+
+
+def test_a_setting_is_kept_unless_another_saves_a_fifth_of_the_footprint() -> None:
+    # 500 req/s: 25% x 1.0 needs 2 (0.5 GPU); 50% x 1.0 needs 1 (0.5): kept where it is
+    kept = plan(500, CAPACITIES, BOUNDS, current=Setting(50, 1.0, 8))
+    assert kept.setting == Setting(50, 1.0, 8) and kept.replicas == 1
+    # 300 req/s: 25% alone (0.25) saves half of 50%'s 0.5: it changes
+    changed = plan(300, CAPACITIES, BOUNDS, current=Setting(50, 1.0, 8))
+    assert changed.setting == Setting(25, 1.0, 4)
+
+
+def test_past_the_most_replicas_it_takes_the_setting_that_serves_most() -> None:
+    capped = plan(20_000, CAPACITIES, ScaleBounds(max_replicas=5))
+    assert capped.replicas == 5 and capped.setting == Setting(100, 1.0, 8)
+    assert "past what 5 replicas serve" in capped.reason
+
+
+def test_without_a_profile_replicas_follow_the_target_per_replica() -> None:
+    bounds = ScaleBounds(min_replicas=1, max_replicas=4, target_rps=50)
+    assert plan(120, [], bounds).replicas == 3
+    assert plan(0, [], bounds).replicas == 1, "never under com.openfaas.scale.min"
+    assert (
+        plan(1000, [], bounds).replicas == 4 and "held at the most" in plan(1000, [], bounds).reason
+    )
+    assert "no profile" in plan(120, [], bounds).reason
+
+
+def test_the_openfaas_labels() -> None:
+    bounds = ScaleBounds.from_labels(
+        {
+            "com.openfaas.scale.min": "2",
+            "com.openfaas.scale.max": "9",
+            "com.openfaas.scale.zero": "true",
+            "com.openfaas.scale.zero-duration": "1h30m",
+            "com.openfaas.scale.target": "80",
+        }
+    )
+    assert bounds == ScaleBounds(2, 9, True, 5400.0, 80.0)
+    assert ScaleBounds.from_labels({}) == ScaleBounds(1, 20, False, 900.0, 50.0)
+    assert (
+        ScaleBounds.from_labels({"com.openfaas.scale.zero-duration": "30s"}).zero_duration_s == 30
+    )
+    for labels, named in (
+        ({"com.openfaas.scale.max": "x"}, "com.openfaas.scale.max"),
+        ({"com.openfaas.scale.min": "3", "com.openfaas.scale.max": "2"}, "is below"),
+        ({"com.openfaas.scale.zero": "yes"}, "com.openfaas.scale.zero must be"),
+        ({"com.openfaas.scale.zero-duration": "soon"}, "such as 15m"),
+        ({"com.openfaas.scale.target": "-1"}, "com.openfaas.scale.target"),
+    ):
+        with pytest.raises(InvalidRequest, match=named):
+            ScaleBounds.from_labels(labels)
+
+
+def run(
+    scaler: FunctionScaler, rates: list[float], tick_s: float = 2.0, start: float = 0.0
+) -> list[int]:
+    """Feed `rates` (req/s, one per tick) to `scaler` as a growing call counter, applying
+    each decision at once; the replicas asked for after each tick."""
+    calls, desired, asked = 0.0, 1, []
+    scaler.observe(start, calls)
+    for i, rate in enumerate(rates, start=1):
+        calls += rate * tick_s
+        now = start + i * tick_s
+        scaler.observe(now, calls)
+        decision = scaler.decide(now, ready=desired, current=None, desired=desired)
+        desired = decision.plan.replicas
+        asked.append(desired)
+    return asked
+
+
+def test_a_steady_rate_settles_and_a_flapping_one_does_not_flap() -> None:
+    steady = run(FunctionScaler(BOUNDS, []), [100.0] * 60)
+    assert set(steady[5:]) == {2}, "100 req/s at 50 a replica"
+    flapping = run(FunctionScaler(BOUNDS, []), [40.0, 160.0] * 60)
+    assert len(set(flapping[40:])) == 1, f"the stable window averages it out: {flapping[40:]}"
+    assert flapping[-1] == 2
+
+
+def test_a_burst_is_followed_within_the_panic_window_and_held_after_it() -> None:
+    tick = 2.0
+    quiet, burst = [50.0] * 40, [1000.0] * 10
+    asked = run(FunctionScaler(BOUNDS, []), quiet + burst + quiet * 3, tick)
+    before = len(quiet)
+    assert asked[before - 1] == 1
+    reached = next(i for i in range(before, len(asked)) if asked[i] >= 20) - before
+    assert reached * tick <= PANIC_WINDOW_S, f"panic follows a burst within its window: {asked}"
+    # Knative's rule: panic lasts a stable window past the last tick over the threshold (the
+    # burst's first), and never scales down meanwhile
+    held = int(STABLE_WINDOW_S / tick) - 1
+    assert min(asked[before + reached : before + held]) == 20, f"held in panic: {asked}"
+    assert asked[before + held + 1] < 20, "then the stable window's rate rules"
+    assert asked[-1] == 1, "back down once the stable window has passed"
+
+
+def test_idle_functions_go_to_zero_only_when_their_labels_allow() -> None:
+    zero = ScaleBounds(min_replicas=1, zero=True, zero_duration_s=30)
+    asked = run(FunctionScaler(zero, []), [10.0] * 10 + [0.0] * 60)
+    idle_from = 10
+    assert asked[idle_from] == 1
+    first_zero = asked.index(0)
+    idle_s = (first_zero - idle_from + 1) * 2.0
+    assert idle_s == max(STABLE_WINDOW_S, 30), "no call in the stable window nor the idle period"
+    assert set(asked[idle_from:first_zero]) == {1} and set(asked[first_zero:]) == {0}
+    assert asked[-1] == 0
+    kept = run(FunctionScaler(ScaleBounds(min_replicas=1), []), [10.0] * 10 + [0.0] * 60)
+    assert kept[-1] == 1, "without com.openfaas.scale.zero it keeps its minimum"
+
+
+def test_with_a_profile_the_setting_follows_the_rate() -> None:
+    scaler = FunctionScaler(BOUNDS, CAPACITIES)
+    for now, calls in ((0.0, 0.0), (60.0, 300 * 60.0)):
+        scaler.observe(now, calls)
+    decision = scaler.decide(60.0, ready=1, current=None, desired=1)
+    assert decision.stable_rps == pytest.approx(300)
+    assert decision.plan.setting == Setting(25, 1.0, 4) and decision.plan.replicas == 1
