@@ -135,6 +135,21 @@ async def provider(
         await api.close()
 
 
+def a_profile(function: str, gpu_model: str = "NVIDIA H200") -> dict[str, object]:
+    """A profile as `fast-gshare profile` sends it: two settings measured."""
+    return {
+        "function": function,
+        "gpu_model": gpu_model,
+        "made_at": "2026-12-02T06:00:00Z",
+        "latency_slo_ms": 50,
+        "measurements": [
+            {"sm_percent": sm, "quota": 1.0, "concurrency": 4, "throughput_rps": rps,
+             "p50_ms": 5, "p95_ms": 9, "p99_ms": 12}
+            for sm, rps in ((25, 300.0), (50, 520.0))
+        ],
+    }  # fmt: skip
+
+
 async def faas_cli_deploy(client: TestClient, body: dict[str, Any]) -> int:
     """Deploy as faas-cli does: PUT first, POST only when the PUT answers 404."""
     response = await client.put("/system/functions", json=body)

@@ -21,7 +21,7 @@ from faas_provider.backends.factory import create_backend
 from faas_provider.backends.kubernetes.connection import connect
 from faas_provider.settings import Settings
 from tests import kube
-from tests.conftest import ECHO, faas_cli_deploy, wait_available
+from tests.conftest import ECHO, a_profile, faas_cli_deploy, wait_available
 
 REPO = Path(__file__).resolve().parents[1]
 PLURALS = {
@@ -170,6 +170,10 @@ async def test_the_providers_service_account_runs_the_contract_and_may_do_no_mor
             assert scaled.status == 202
             await wait_available(provider, "echo", 2)
             assert (await provider.get("/system/logs?name=echo")).status == 200
+            profile = a_profile(f"echo.{kube.FUNCTION_NAMESPACE}")
+            assert (await provider.put("/system/profiles/echo", json=profile)).status == 202
+            assert (await provider.put("/system/profiles/echo", json=profile)).status == 202
+            assert (await provider.get("/system/profiles/echo")).status == 200
             assert (await provider.post("/system/namespace/rbac-team")).status == 201
             deleted = await provider.delete("/system/functions", json={"functionName": "echo"})
             assert deleted.status == 202

@@ -11,7 +11,7 @@ import re
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import ECHO, faas_cli_deploy, wait_available
+from tests.conftest import ECHO, a_profile, faas_cli_deploy, wait_available
 
 
 async def test_info_has_the_fields_faas_cli_version_reads(provider: TestClient) -> None:
@@ -283,3 +283,38 @@ async def test_namespaces(provider: TestClient) -> None:
     assert (await provider.delete("/system/namespace/team-a")).status == 202
     assert (await provider.get("/system/namespace/team-a")).status == 404
     assert "team-a" not in await (await provider.get("/system/namespaces")).json()
+
+
+async def test_a_profile_is_stored_replaced_and_deleted_with_its_function(
+    provider: TestClient,
+) -> None:
+    missing = await provider.get("/system/profiles/echo")
+    assert missing.status == 404 and "echo" in await missing.text()
+    unknown = await provider.put("/system/profiles/echo", json=a_profile("echo.openfaas-fn"))
+    assert unknown.status == 404, "no profile for a function nobody deployed"
+    assert await faas_cli_deploy(provider, ECHO) == 202
+    none_yet = await provider.get("/system/profiles/echo")
+    assert none_yet.status == 404 and "fast-gshare profile" in await none_yet.text()
+    assert (
+        await provider.put("/system/profiles/echo", json=a_profile("echo.openfaas-fn"))
+    ).status == 202
+    stored = await (await provider.get("/system/profiles/echo?namespace=openfaas-fn")).json()
+    assert stored == {**a_profile("echo.openfaas-fn"), "measurements": stored["measurements"]}
+    assert [m["throughput_rps"] for m in stored["measurements"]] == [300.0, 520.0]
+    replaced = a_profile("echo.openfaas-fn", gpu_model="NVIDIA H100 80GB HBM3")
+    assert (await provider.put("/system/profiles/echo", json=replaced)).status == 202
+    again = await (await provider.get("/system/profiles/echo")).json()
+    assert again["gpu_model"] == "NVIDIA H100 80GB HBM3", "re-profiling replaces the profile"
+    for bad, says in (
+        (a_profile("other.openfaas-fn"), "not echo.openfaas-fn"),
+        ({**a_profile("echo.openfaas-fn"), "measurements": []}, "measurements"),
+        ({**a_profile("echo.openfaas-fn"), "gpu_model": ""}, "gpu_model"),
+    ):
+        refused = await provider.put("/system/profiles/echo", json=bad)
+        assert refused.status == 400 and says in await refused.text(), says
+    kept = await (await provider.get("/system/profiles/echo")).json()
+    assert kept["gpu_model"] == "NVIDIA H100 80GB HBM3", "a refused profile changes nothing"
+    assert (await provider.delete("/system/functions", json={"functionName": "echo"})).status == 202
+    assert await faas_cli_deploy(provider, ECHO) == 202
+    gone = await provider.get("/system/profiles/echo")
+    assert gone.status == 404, "a function deployed anew starts without the old profile"

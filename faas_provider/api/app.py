@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from faas_provider import __version__
-from faas_provider.api import functions, logs, namespaces, proxy, secrets
+from faas_provider.api import functions, logs, namespaces, profiles, proxy, secrets
 from faas_provider.api.keys import BACKEND, METRICS, RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.middleware import basic_auth, errors, on_unix_socket
 from faas_provider.api.resolver import Resolver
@@ -61,6 +61,8 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
             web.put("/system/secrets", secrets.update_secret),
             web.delete("/system/secrets", secrets.delete_secret),
             web.get("/system/logs", logs.logs),
+            web.get("/system/profiles/{name}", profiles.get_profile),
+            web.put("/system/profiles/{name}", profiles.put_profile),
             web.get("/healthz", healthz),  # also answers HEAD
             web.get("/metrics", metrics_handler),
             web.put("/system/workers/{worker}/metrics", worker_metrics),  # control socket only

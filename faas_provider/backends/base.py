@@ -14,6 +14,7 @@ from typing import Protocol
 from prometheus_client.registry import Collector
 
 from faas_provider.models import FunctionDeployment, FunctionStatus, LogMessage, Secret
+from faas_provider.profile.model import Profile
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ class Backend(Protocol):
 
         NotFound when the function is unknown, Unavailable when no replica becomes ready.
         """
+
+    async def get_profile(self, name: str, namespace: str) -> Profile:
+        """The function's profile; NotFound when the function or its profile is unknown."""
+
+    async def store_profile(self, name: str, namespace: str, profile: Profile) -> None:
+        """Keep `profile` as the function's (replacing any); NotFound when it is unknown. A
+        function's profile goes with it when it is deleted."""
 
     def replica_counts(self) -> dict[tuple[str, str], ReplicaCounts]:
         """Every function's replicas by (namespace, name), from what the backend holds: no

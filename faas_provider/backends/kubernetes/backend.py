@@ -37,10 +37,13 @@ from faas_provider.backends.kubernetes.manifests import (
     GPU_LABEL,
     MANAGED_BY,
     NODE_ANNOTATION,
+    PROFILE_KEY,
     RECORD_ANNOTATION,
     REPLICAS_ANNOTATION,
     function_deployment,
     function_service,
+    profile_config_map,
+    profile_config_map_name,
 )
 from faas_provider.backends.kubernetes.node_api import node_gpus
 from faas_provider.backends.kubernetes.settings import KubernetesSettings
@@ -60,6 +63,7 @@ from faas_provider.models import (
     utcnow,
 )
 from faas_provider.node.agent import RunDir
+from faas_provider.profile.model import Profile
 
 log = logging.getLogger("fast_gshare.kubernetes")
 
@@ -216,7 +220,8 @@ class KubernetesBackend:
         async with self._lock:
             self._service(name, namespace)
             owned = [("Deployment", d) for d in self._deployments_of(name, namespace)]
-            await self._remove(namespace, [*owned, ("Service", name)])
+            profile = ("ConfigMap", profile_config_map_name(name))
+            await self._remove(namespace, [profile, *owned, ("Service", name)])
             log.info("deleted %s.%s", name, namespace)
             await self._place_pending()
 
@@ -366,6 +371,35 @@ class KubernetesBackend:
         await self._call(
             f"Secret {namespace}/{name}", self._core.delete_namespaced_secret(name, namespace)
         )
+
+    # profiles
+
+    async def get_profile(self, name: str, namespace: str) -> Profile:
+        self._service(name, namespace)
+        config_map = profile_config_map_name(name)
+        try:
+            stored = await self._call(
+                f"ConfigMap {namespace}/{config_map}",
+                self._core.read_namespaced_config_map(config_map, namespace),
+            )
+        except NotFound:
+            raise NotFound(
+                f"function {name}.{namespace} has no profile: run fast-gshare profile"
+            ) from None
+        return Profile.model_validate_json((stored.data or {}).get(PROFILE_KEY, "{}"))
+
+    async def store_profile(self, name: str, namespace: str, profile: Profile) -> None:
+        self._service(name, namespace)
+        body = profile_config_map(name, namespace, profile.model_dump_json())
+        config_map = body["metadata"]["name"]
+        what = f"ConfigMap {namespace}/{config_map}"
+        try:
+            await self._call(
+                what, self._core.replace_namespaced_config_map(config_map, namespace, body)
+            )
+        except NotFound:
+            await self._call(what, self._core.create_namespaced_config_map(namespace, body))
+        log.info("stored the profile of %s.%s in %s", name, namespace, what)
 
     # logs
 
@@ -759,15 +793,16 @@ class KubernetesBackend:
     async def _remove(self, namespace: str, objects: list[tuple[str, str]]) -> None:
         """Delete `objects` (kind, name), last made first; those already gone are fine."""
         for kind, name in reversed(objects):
-            call = (
-                self._apps.delete_namespaced_deployment(name, namespace)
-                if kind == "Deployment"
-                else self._core.delete_namespaced_service(name, namespace)
-            )
+            deletions = {
+                "Deployment": self._apps.delete_namespaced_deployment,
+                "Service": self._core.delete_namespaced_service,
+                "ConfigMap": self._core.delete_namespaced_config_map,
+            }
             with contextlib.suppress(NotFound):
-                await self._call(f"{kind} {namespace}/{name}", call)
-            informer = self._deployments if kind == "Deployment" else self._services
-            informer.items.pop((namespace, name), None)
+                await self._call(f"{kind} {namespace}/{name}", deletions[kind](name, namespace))
+            informer = {"Deployment": self._deployments, "Service": self._services}.get(kind)
+            if informer is not None:
+                informer.items.pop((namespace, name), None)
 
     async def _write(self, what: str, call: Awaitable[Any]) -> dict[str, Any]:
         """`_call` for a write, whose answer (the object as stored) comes back as a dict."""

@@ -220,3 +220,25 @@ def node_agent_daemonset(
         metrics_port=metrics_port,
         shm_size=shm_size,
     )
+
+
+PROFILE_KEY = "profile.json"
+
+
+def profile_config_map_name(function: str) -> str:
+    """The ConfigMap that keeps function `function`'s profile."""
+    return f"{function}-fast-gshare-profile"
+
+
+def profile_config_map(function: str, namespace: str, profile_json: str) -> dict[str, Any]:
+    """The ConfigMap of a function's profile (`fast-gshare profile` writes it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": profile_config_map_name(function),
+            "namespace": namespace,
+            "labels": {FUNCTION_LABEL: function, **MANAGED_BY},
+        },
+        "data": {PROFILE_KEY: profile_json},
+    }

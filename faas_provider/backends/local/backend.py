@@ -59,6 +59,7 @@ from faas_provider.models import (
 )
 from faas_provider.node.agent import NodeAgent
 from faas_provider.node.metrics import NodeCollector
+from faas_provider.profile.model import Profile
 from faas_provider.upstream import UpstreamPool
 
 log = logging.getLogger("fast_gshare.local")
@@ -241,8 +242,27 @@ class LocalBackend:
         replicas = function.replicas + function.retiring
         await asyncio.gather(*(self._stop_replica(function, r) for r in replicas))
         shutil.rmtree(self._mount_dir(name, namespace), ignore_errors=True)
+        self._store.delete_profile(name, namespace)
         self._logs.forget(name, namespace)
         log.info("deleted %s.%s", name, namespace)
+
+    async def get_profile(self, name: str, namespace: str) -> Profile:
+        self._function(name, namespace)
+        document = self._store.read_profile(name, namespace)
+        if document is None:
+            raise NotFound(f"function {name}.{namespace} has no profile: run fast-gshare profile")
+        return Profile.model_validate(document)
+
+    async def store_profile(self, name: str, namespace: str, profile: Profile) -> None:
+        self._function(name, namespace)
+        await self._store.save_profile(name, namespace, profile.model_dump(mode="json"))
+        log.info(
+            "stored the profile of %s.%s (%d settings, %s)",
+            name,
+            namespace,
+            len(profile.measurements),
+            profile.gpu_model,
+        )
 
     async def scale(self, name: str, namespace: str, replicas: int) -> None:
         function = self._function(name, namespace)

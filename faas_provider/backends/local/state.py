@@ -1,7 +1,8 @@
 """The local backend's state directory: the single source of truth that survives a restart.
 
 `functions.json` holds every function's deployment, desired replica count and creation time,
-and the namespaces; `secrets.json` (mode 0600) holds secret values. Both are written atomically
+and the namespaces; `secrets.json` (mode 0600) holds secret values; `profiles/NAMESPACE/NAME.json`
+each profiled function's profile. Each is written atomically
 (temporary file, fsync, rename), so a crash leaves either the old or the new file, never half.
 A stored function this version cannot load (its spec written by one that accepted more) is
 left out with one log line and written back as it was, unless a function of its name has been
@@ -160,8 +161,30 @@ class StateStore:
             await asyncio.to_thread(self._write, self._functions_file, document)
             await asyncio.to_thread(self._write, self._secrets_file, secrets)
 
+    def read_profile(self, name: str, namespace: str) -> dict[str, Any] | None:
+        """The stored profile of a function, as JSON, or None."""
+        try:
+            document: dict[str, Any] = json.loads(self._profile_file(name, namespace).read_text())
+        except FileNotFoundError:
+            return None
+        return document
+
+    async def save_profile(self, name: str, namespace: str, document: dict[str, Any]) -> None:
+        """Write a function's profile atomically (replacing the one before)."""
+        path = self._profile_file(name, namespace)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        async with self._lock:
+            await asyncio.to_thread(self._write, path, document)
+
+    def delete_profile(self, name: str, namespace: str) -> None:
+        """Forget a function's profile, if it has one."""
+        self._profile_file(name, namespace).unlink(missing_ok=True)
+
+    def _profile_file(self, name: str, namespace: str) -> Path:
+        return self.directory / "profiles" / namespace / f"{name}.json"
+
     def _write(self, path: Path, document: object) -> None:
-        descriptor, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.")
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(descriptor, "w") as handle:
                 json.dump(document, handle, indent=1, sort_keys=True)
