@@ -13,7 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
+from pydantic import ValidationError
+from rich.console import Console
 
 from faas_provider import __version__
 from faas_provider.api.app import create_app, create_metrics_app
@@ -41,6 +44,8 @@ from faas_provider.gpu.share import parse_quantity
 from faas_provider.models import DEFAULT_NAMESPACE, FunctionDeployment
 from faas_provider.node.serve import running_node
 from faas_provider.processes import stop_on_signals
+from faas_provider.profile.command import measure, report
+from faas_provider.profile.runner import Grid, ProfileError
 from faas_provider.settings import Settings
 from faas_provider.stack import StackError, load_stack
 from faas_provider.top import top
@@ -178,6 +183,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     top_command.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
     top_command.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+    profile = commands.add_parser(
+        "profile",
+        help="measure a deployed function under a grid of GPU settings and store its profile",
+    )
+    profile.add_argument("name", help="the function")
+    profile.add_argument("--namespace", default="openfaas-fn", help="its namespace")
+    profile.add_argument(
+        "--url",
+        default=os.environ.get("FAST_GSHARE_URL", "http://127.0.0.1:8081"),
+        help="the provider, or the gateway (env FAST_GSHARE_URL; default http://127.0.0.1:8081)",
+    )
+    sample = profile.add_mutually_exclusive_group(required=True)
+    sample.add_argument("--body", help="the sample request's body, as text")
+    sample.add_argument("--body-file", type=Path, help="the sample request's body, from a file")
+    profile.add_argument("--sm", default="12,25,50,100", help="SM partitions, percent")
+    profile.add_argument("--quota", default="0.25,0.5,1", help="time quotas (request = limit)")
+    profile.add_argument("--concurrency", default="1,2,4,8", help="requests kept in flight")
+    profile.add_argument("--seconds", type=float, default=5.0, help="measured per setting")
+    profile.add_argument("--warmup", type=float, default=1.0, help="unmeasured, before each")
+    profile.add_argument(
+        "--latency-slo-ms",
+        type=float,
+        default=None,
+        help="the p99 target (default: the function's fastgshare/latency_slo_ms)",
+    )
+    profile.add_argument("--out", type=Path, default=None, help="JSON file (NAME.profile.json)")
+    profile.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
     node = commands.add_parser(
         "node",
         help="run the node agent: MPS daemons, the token service and the fault watch of this "
@@ -240,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "node":
         asyncio.run(_node(args))
         return
+    if args.command == "profile":
+        _profile(args)
+        return
     if args.command == "top":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(top([args.url, *args.node_metrics], args.interval))
@@ -288,6 +323,32 @@ async def _node(args: argparse.Namespace) -> None:
     ):
         await stopped.wait()
         log.info("node agent stopping: its MPS daemons and token service end")
+
+
+def _profile(args: argparse.Namespace) -> None:
+    """Run `fast-gshare profile`: bad flags and a profile that cannot be made exit non-zero."""
+    try:
+        grid = Grid(
+            sm_percents=tuple(int(v) for v in args.sm.split(",")),
+            quotas=tuple(float(v) for v in args.quota.split(",")),
+            concurrencies=tuple(int(v) for v in args.concurrency.split(",")),
+            seconds=args.seconds,
+            warmup_s=args.warmup,
+        )
+    except ValueError as error:
+        raise SystemExit(f"fast-gshare profile: --sm, --quota and --concurrency: {error}") from None
+    body = args.body.encode() if args.body is not None else args.body_file.read_bytes()
+    out = args.out or Path(f"{args.name}.profile.json")
+    console = Console()
+    try:
+        profile = asyncio.run(
+            measure(args.url, args.name, args.namespace, body, grid, args.latency_slo_ms, console)
+        )
+    except (ProfileError, ValidationError) as error:
+        raise SystemExit(f"fast-gshare profile: {error}") from None
+    except aiohttp.ClientError as error:
+        raise SystemExit(f"fast-gshare profile: the provider at {args.url}: {error}") from None
+    report(profile, out, console)
 
 
 def _render(args: argparse.Namespace) -> None:

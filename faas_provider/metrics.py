@@ -212,9 +212,13 @@ class PlacementCollector(Collector):
         total = GaugeMetricFamily(
             "fast_gshare_gpu_memory_total_bytes", "A GPU's memory", labels=labels
         )
+        info = InfoMetricFamily(
+            "fast_gshare_gpu", "A GPU of the inventory: its model", labels=labels
+        )
         for load in self._placer().loads:
             where = (load.device.uuid, load.device.node or socket.gethostname())
             footprint.add_metric(where, load.footprint / 100)
             allocated.add_metric(where, load.memory_bytes)
             total.add_metric(where, load.device.memory_bytes)
-        return [footprint, allocated, total]
+            info.add_metric(where, {"model": load.device.name})
+        return [footprint, allocated, total, info]

@@ -1,0 +1,231 @@
+"""`fast-gshare profile NAME`: a deployed function measured on the real path under a grid of
+GPU settings.
+
+For each (SM partition, quota) of the grid a copy of the function, `NAME-profile`, is deployed
+through the provider with that share (quota request = limit) and one replica; for each
+concurrency of the grid, that many closed-loop clients send the function's sample request
+through the provider's proxy (proxy, gate, replica) for a while after a warm-up, and the
+throughput and latency percentiles are kept. The copy is deleted at the end, whatever
+happens; the function itself keeps serving throughout. The profile names the GPU model the
+copy ran on, read from the provider's /metrics (`fast_gshare_gpu_info`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from faas_provider.autoscale.decide import LATENCY_SLO_ANNOTATION
+from faas_provider.gpu.share import GPU_MEMORY
+from faas_provider.models import rfc3339, utcnow
+from faas_provider.profile.model import Measurement, Profile
+
+COPY_SUFFIX = "-profile"
+READY_TIMEOUT_S = 300.0
+
+
+class ProfileError(Exception):
+    """The profile cannot be made: what went wrong, and what to do."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The settings to measure, and for how long each."""
+
+    sm_percents: tuple[int, ...] = (12, 25, 50, 100)
+    quotas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    concurrencies: tuple[int, ...] = (1, 2, 4, 8)
+    seconds: float = 5.0  # measured, per concurrency
+    warmup_s: float = 1.0  # sent but not measured, before each
+
+    @property
+    def size(self) -> int:
+        return len(self.sm_percents) * len(self.quotas) * len(self.concurrencies)
+
+
+Progress = Callable[[str, Measurement | None], None]  # a line of what it does; a result
+
+
+async def profile_function(
+    url: str,
+    name: str,
+    namespace: str,
+    body: bytes,
+    grid: Grid,
+    latency_slo_ms: float | None = None,
+    progress: Progress | None = None,
+) -> Profile:
+    """Measure function `name` under `grid` through the provider at `url`; the profile, also
+    stored with the provider (it replaces the function's profile before)."""
+    say = progress or (lambda line, result: None)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(url, timeout=timeout) as session:
+        original = await _status(session, name, namespace)
+        if original is None:
+            raise ProfileError(f"function {name} is not deployed in namespace {namespace}")
+        if latency_slo_ms is None and LATENCY_SLO_ANNOTATION in original.get("annotations", {}):
+            latency_slo_ms = float(original["annotations"][LATENCY_SLO_ANNOTATION])
+        copy_name = f"{name}{COPY_SUFFIX}"
+        measurements: list[Measurement] = []
+        models: set[str] = set()
+        try:
+            for sm in grid.sm_percents:
+                for quota in grid.quotas:
+                    say(f"deploying {copy_name} at {sm}% SMs, quota {quota:g}", None)
+                    await _redeploy(session, _copy(original, copy_name, sm, quota))
+                    models |= await _gpu_models(session)
+                    target = f"/function/{copy_name}.{namespace}"
+                    for clients in grid.concurrencies:
+                        say(f"{sm}% SMs, quota {quota:g}, {clients} in flight", None)
+                        measured = await _measure(session, target, body, clients, grid)
+                        result = Measurement(sm_percent=sm, quota=quota, concurrency=clients,
+                                             **measured)  # fmt: skip
+                        measurements.append(result)
+                        say("", result)
+        finally:
+            await _delete(session, copy_name, namespace)
+        if len(models) != 1:
+            raise ProfileError(
+                f"the copy ran on GPUs of models {sorted(models) or 'unknown'}: a profile is of "
+                "one GPU model"
+            )
+        profile = Profile(
+            function=f"{name}.{namespace}",
+            gpu_model=models.pop(),
+            made_at=rfc3339(utcnow()),
+            latency_slo_ms=latency_slo_ms,
+            measurements=measurements,
+        )
+        async with session.put(
+            f"/system/profiles/{name}",
+            params={"namespace": namespace},
+            json=profile.model_dump(mode="json"),
+        ) as stored:
+            if stored.status != 202:
+                raise ProfileError(f"the provider did not store it: {await stored.text()}")
+        return profile
+
+
+def _copy(original: dict[str, Any], copy_name: str, sm: int, quota: float) -> dict[str, Any]:
+    """The deployment of the profiling copy: the function's own, at one setting, 1 replica."""
+    annotations = {
+        key: value
+        for key, value in original.get("annotations", {}).items()
+        if not key.startswith("fastgshare/") or key == GPU_MEMORY
+    }
+    annotations |= {
+        "fastgshare/gpu_sm_partition": str(sm),
+        "fastgshare/gpu_quota_request": str(quota),
+        "fastgshare/gpu_quota_limit": str(quota),
+    }
+    labels = {
+        key: value
+        for key, value in original.get("labels", {}).items()
+        if not key.startswith("com.openfaas.scale.") and key != "faas_function"
+    }
+    fields = ("image", "namespace", "envProcess", "envVars", "secrets", "limits", "requests",
+              "readOnlyRootFilesystem", "constraints")  # fmt: skip
+    copied = {key: original[key] for key in fields if key in original}
+    return {**copied, "service": copy_name, "annotations": annotations, "labels": labels}
+
+
+async def _status(
+    session: aiohttp.ClientSession, name: str, namespace: str
+) -> dict[str, Any] | None:
+    async with session.get(f"/system/function/{name}", params={"namespace": namespace}) as got:
+        if got.status == 404:
+            return None
+        if got.status != 200:
+            raise ProfileError(f"the provider answered {got.status}: {await got.text()}")
+        status: dict[str, Any] = await got.json()
+        return status
+
+
+async def _redeploy(session: aiohttp.ClientSession, deployment: dict[str, Any]) -> None:
+    """Deploy `deployment` afresh (its old replica gone first) and wait for its replica."""
+    name, namespace = deployment["service"], deployment["namespace"]
+    await _delete(session, name, namespace)
+    async with session.post("/system/functions", json=deployment) as made:
+        if made.status not in (200, 202):
+            raise ProfileError(f"deploying {name} was refused: {made.status} {await made.text()}")
+    began = time.monotonic()
+    while time.monotonic() - began < READY_TIMEOUT_S:
+        status = await _status(session, name, namespace)
+        if status is not None and status.get("availableReplicas", 0) >= 1:
+            return
+        await asyncio.sleep(0.2)
+    raise ProfileError(f"{name} had no ready replica after {READY_TIMEOUT_S:.0f} s")
+
+
+async def _delete(session: aiohttp.ClientSession, name: str, namespace: str) -> None:
+    async with session.delete(
+        "/system/functions", json={"functionName": name, "namespace": namespace}
+    ) as deleted:
+        if deleted.status not in (200, 202, 404):
+            raise ProfileError(f"deleting {name} failed: {deleted.status} {await deleted.text()}")
+    for _ in range(int(READY_TIMEOUT_S / 0.1)):
+        if await _status(session, name, namespace) is None:
+            return
+        await asyncio.sleep(0.1)
+    raise ProfileError(f"{name} was still there {READY_TIMEOUT_S:.0f} s after its deletion")
+
+
+async def _gpu_models(session: aiohttp.ClientSession) -> set[str]:
+    """The models of the GPUs of the provider's inventory (the copy runs on one of them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with session.get("/metrics") as answer:
+        text = await answer.text()
+    return {
+        sample.labels["model"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "fast_gshare_gpu_info"
+    }
+
+
+async def _measure(
+    session: aiohttp.ClientSession, target: str, body: bytes, clients: int, grid: Grid
+) -> dict[str, Any]:
+    """`clients` closed-loop clients on `target`: warm up, then measure for grid.seconds."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.monotonic() + grid.warmup_s
+    end = start + grid.seconds
+
+    async def client() -> None:
+        nonlocal errors
+        while (sent := time.monotonic()) < end:
+            try:
+                async with session.post(target, data=body) as answer:
+                    await answer.read()
+                    ok = 200 <= answer.status < 300
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            done = time.monotonic()
+            if sent >= start:
+                if ok:
+                    latencies.append(done - sent)
+                else:
+                    errors += 1
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    ordered = sorted(latencies)
+
+    def percentile(fraction: float) -> float:
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
+
+    return {
+        "throughput_rps": len(ordered) / grid.seconds,
+        "p50_ms": percentile(0.50),
+        "p95_ms": percentile(0.95),
+        "p99_ms": percentile(0.99),
+        "errors": errors,
+    }
