@@ -107,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
         help="processes serving the port (invocations use this many cores; default 1)",
     )
     up.add_argument(
+        "--autoscale-tick",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often the autoscaler decides, for the functions that ask for it (default 2)",
+    )
+    up.add_argument(
+        "--no-autoscale", action="store_true", help="no autoscaler: replicas change by API only"
+    )
+    up.add_argument(
         "--quota-window-ms",
         type=float,
         default=100.0,
@@ -296,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         basic_auth=args.basic_auth,
         secret_mount_path=args.secret_mount_path,
         workers=args.workers,
+        autoscale_tick_s=None if args.no_autoscale else args.autoscale_tick,
         max_system_body=args.max_system_body,
         max_function_body=args.max_function_body,
     )

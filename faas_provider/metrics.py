@@ -93,6 +93,26 @@ class ProviderMetrics:
         """The workers' last reports."""
         return list(self._reports.values())
 
+    def calls(self) -> dict[str, float]:
+        """Each function's (`name.namespace`) invocations answered so far, every process's."""
+        found: dict[str, float] = {}
+        for family in _Summed(self).collect():
+            if family.name == "fast_gshare_function_invocations":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        function = sample.labels["function_name"]
+                        found[function] = found.get(function, 0.0) + sample.value
+        return found
+
+    def gpu_models(self) -> set[str]:
+        """The models of the GPUs the backend places replicas on (`fast_gshare_gpu_info`)."""
+        return {
+            sample.labels["model"]
+            for family in self.registry.collect()
+            if family.name == "fast_gshare_gpu"
+            for sample in family.samples
+        }
+
     def invoked(self, name: str, namespace: str, code: int, seconds: float) -> None:
         """Count one invocation of function `name.namespace` answered `code`."""
         function = f"{name}.{namespace}"

@@ -29,6 +29,7 @@ class Settings(BaseModel):
     upstream_timeout_s: float = Field(default=300.0, gt=0)
     startup_wait_s: float = Field(default=30.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
+    autoscale_tick_s: float | None = Field(default=2.0, gt=0)  # None: no autoscaler
     # Request bodies past these get 413 before they are read whole: /system/* carries JSON
     # (a deployment, a secret of up to Kubernetes' 1 MiB in base64), /function/* whatever a
     # function takes (images for inference).

@@ -164,7 +164,7 @@ def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) ->
 def test_help_lists_only_user_commands_and_version_prints() -> None:
     command = [sys.executable, "-m", "faas_provider.cli"]
     shown = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True)
-    assert "{up,render,top,node}" in shown.stdout
+    assert "{up,render,top,profile,node}" in shown.stdout
     assert "SUPPRESS" not in shown.stdout and "worker" not in shown.stdout
     version = subprocess.run([*command, "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == f"fast-gshare {__version__}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import subprocess
 from collections.abc import AsyncIterator
@@ -12,9 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from faas_provider import __version__
 from faas_provider.api import functions, logs, namespaces, profiles, proxy, secrets
-from faas_provider.api.keys import BACKEND, METRICS, RESOLVER, SETTINGS, UPSTREAM
+from faas_provider.api.keys import AUTOSCALER, BACKEND, METRICS, RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.middleware import basic_auth, errors, on_unix_socket
 from faas_provider.api.resolver import Resolver
+from faas_provider.autoscale.loop import Autoscaler
 from faas_provider.backends.base import Backend
 from faas_provider.metrics import ProviderMetrics
 from faas_provider.settings import Settings, read_basic_auth
@@ -37,6 +40,12 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[RESOLVER] = Resolver(backend.endpoints)
+    if settings.autoscale_tick_s is not None:
+        autoscaler = Autoscaler(
+            backend, metrics.calls, metrics.gpu_models, tick_s=settings.autoscale_tick_s
+        )
+        metrics.registry.register(autoscaler.collector())
+        app[AUTOSCALER] = autoscaler
     app.cleanup_ctx.append(_lifecycle)
     _source_sha()  # once, at start, not in a request
     app.add_routes(
@@ -88,9 +97,16 @@ def create_metrics_app(provider: web.Application) -> web.Application:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = UpstreamPool()
     await app[BACKEND].start()
+    autoscaling = None
+    if AUTOSCALER in app:
+        autoscaling = asyncio.create_task(app[AUTOSCALER].run())
     try:
         yield
     finally:
+        if autoscaling is not None:
+            autoscaling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await autoscaling
         await app[BACKEND].close()
         await app[UPSTREAM].close()
 

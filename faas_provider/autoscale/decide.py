@@ -27,7 +27,6 @@ SCALE_MAX_LABEL = "com.openfaas.scale.max"
 SCALE_ZERO_LABEL = "com.openfaas.scale.zero"
 SCALE_ZERO_DURATION_LABEL = "com.openfaas.scale.zero-duration"
 SCALE_TARGET_LABEL = "com.openfaas.scale.target"
-LATENCY_SLO_ANNOTATION = "fastgshare/latency_slo_ms"
 
 TARGET_UTILISATION = 0.7  # Knative's: each replica is planned at 70% of what it can serve
 STABLE_WINDOW_S = 60.0

@@ -4,6 +4,7 @@
 - fastgshare/gpu_quota_request: guaranteed fraction of each window, 0 < r <= 1 (default: limit)
 - fastgshare/gpu_quota_limit: most of each window it may use, r <= l <= 1 (default 1)
 - fastgshare/gpu_mem: GPU memory cap, bytes or a quantity such as 4Gi or 500M (default: none)
+- fastgshare/latency_slo_ms: the p99 latency target the autoscaler holds it to (not a share)
 
 Any other `fastgshare/` key is refused (a misspelt one would otherwise deploy a plain
 function). A function with none of them and no `nvidia.com/gpu` limit is a plain function. A
@@ -26,6 +27,7 @@ QUOTA_REQUEST = "fastgshare/gpu_quota_request"
 QUOTA_LIMIT = "fastgshare/gpu_quota_limit"
 GPU_MEMORY = "fastgshare/gpu_mem"
 ANNOTATIONS = (SM_PARTITION, QUOTA_REQUEST, QUOTA_LIMIT, GPU_MEMORY)
+LATENCY_SLO = "fastgshare/latency_slo_ms"
 PREFIX = "fastgshare/"
 
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$")
@@ -84,12 +86,17 @@ def gpu_share(deployment: FunctionDeployment) -> GpuShare | None:
     """The function's GPU request, None for a plain function; InvalidRequest naming the
     annotation for a bad value."""
     annotations = deployment.annotations
-    unknown = sorted(k for k in annotations if k.startswith(PREFIX) and k not in ANNOTATIONS)
+    known = (*ANNOTATIONS, LATENCY_SLO)
+    unknown = sorted(k for k in annotations if k.startswith(PREFIX) and k not in known)
     if unknown:
         raise InvalidRequest(
             f"unknown annotation(s) {', '.join(unknown)}: the {PREFIX} annotations are "
-            f"{', '.join(ANNOTATIONS)}"
+            f"{', '.join(known)}"
         )
+    if LATENCY_SLO in annotations:
+        slo = _number(annotations, LATENCY_SLO, "0", float)
+        if not 0 < slo < float("inf"):
+            raise InvalidRequest(f"annotation {LATENCY_SLO} must be milliseconds above 0")
     given = [name for name in ANNOTATIONS if name in annotations]
     whole = deployment.limits.gpu if deployment.limits else None
     if whole is not None:

@@ -20,8 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from faas_provider.autoscale.decide import LATENCY_SLO_ANNOTATION
-from faas_provider.gpu.share import GPU_MEMORY
+from faas_provider.gpu.share import GPU_MEMORY, LATENCY_SLO
 from faas_provider.models import rfc3339, utcnow
 from faas_provider.profile.model import Measurement, Profile
 
@@ -68,8 +67,8 @@ async def profile_function(
         original = await _status(session, name, namespace)
         if original is None:
             raise ProfileError(f"function {name} is not deployed in namespace {namespace}")
-        if latency_slo_ms is None and LATENCY_SLO_ANNOTATION in original.get("annotations", {}):
-            latency_slo_ms = float(original["annotations"][LATENCY_SLO_ANNOTATION])
+        if latency_slo_ms is None and LATENCY_SLO in original.get("annotations", {}):
+            latency_slo_ms = float(original["annotations"][LATENCY_SLO])
         copy_name = f"{name}{COPY_SUFFIX}"
         measurements: list[Measurement] = []
         models: set[str] = set()

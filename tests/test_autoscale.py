@@ -1,0 +1,163 @@
+"""The autoscaler applying its decisions through a real provider and its local backend, with
+real replica processes: the call counter and the clock are given, so a minute passes in a
+tick. Without a profile: replicas on the rate, then scale to zero when idle. With a profile of
+this install's GPU model: the setting with the least footprint (a new share, its replicas
+replaced) and then more replicas of it; a profile of another model is not applied."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from faas_provider.api.app import create_app
+from faas_provider.autoscale.loop import Autoscaler
+from faas_provider.backends.local.backend import LocalBackend
+from faas_provider.settings import Settings
+from tests.conftest import STEER, faas_cli_deploy, local_backend, wait_available
+
+
+class Given:
+    """The call counter and the clock the autoscaler reads, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: dict[str, float] = {}
+
+    def serve(self, function: str, rps: float, seconds: float) -> None:
+        self.calls[function] = self.calls.get(function, 0.0) + rps * seconds
+        self.now += seconds
+
+
+async def provider(aiohttp_client: Any, settings: Settings) -> tuple[TestClient, LocalBackend]:
+    backend = local_backend(settings)
+    quiet = settings.model_copy(update={"autoscale_tick_s": None})  # the test ticks it
+    return await aiohttp_client(create_app(backend, quiet)), backend
+
+
+async def status(client: TestClient, name: str) -> dict[str, Any]:
+    answer: dict[str, Any] = await (await client.get(f"/system/function/{name}")).json()
+    return answer
+
+
+async def test_replicas_follow_the_rate_then_go_to_zero_when_idle(
+    aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, backend = await provider(aiohttp_client, settings)
+    labels = {
+        "com.openfaas.scale.max": "4",
+        "com.openfaas.scale.target": "10",
+        "com.openfaas.scale.zero": "true",
+        "com.openfaas.scale.zero-duration": "30s",
+    }
+    assert await faas_cli_deploy(client, {**STEER, "labels": labels}) == 202
+    plain = {**STEER, "service": "plain"}  # asks for no autoscaling
+    assert await faas_cli_deploy(client, plain) == 202
+    await wait_available(client, "steer")
+    given = Given()
+    autoscaler = Autoscaler(
+        backend, lambda: given.calls, lambda: {"virtual"}, clock=lambda: given.now
+    )
+    caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
+    await autoscaler.tick()
+    assert (await status(client, "steer"))["replicas"] == 1, "no calls yet: its minimum"
+    assert (
+        "steer.openfaas-fn scales its replicas on the rate alone: it has no profile" in caplog.text
+    )
+    for _ in range(3):  # 30 req/s at 10 a replica
+        given.serve("steer.openfaas-fn", 30, 2.0)
+        given.serve("plain.openfaas-fn", 300, 0.0)
+        await autoscaler.tick()
+    assert (await status(client, "steer"))["replicas"] == 3
+    await wait_available(client, "steer", 3)
+    assert (await status(client, "plain"))["replicas"] == 1, "not autoscaled: left alone"
+    assert "autoscaler: steer.openfaas-fn 1 -> 3 replicas: " in caplog.text
+    for _ in range(50):  # 100 s without a call
+        given.serve("steer.openfaas-fn", 0, 2.0)
+        await autoscaler.tick()
+    assert (await status(client, "steer"))["replicas"] == 0
+    assert "3 -> 0 replicas: idle for" in caplog.text
+    metrics = await (await client.get("/metrics")).text()
+    assert metrics  # the app's own; the autoscaler made here is read directly
+    decisions = {
+        (s.labels["function_name"], s.labels["action"]): s.value
+        for family in autoscaler.collector().collect()
+        for s in family.samples
+        if s.name == "fast_gshare_autoscaler_decisions_total"
+    }
+    assert decisions == {("steer.openfaas-fn", "up"): 1.0, ("steer.openfaas-fn", "zero"): 1.0}
+
+
+def profile_of(function: str, model: str) -> dict[str, Any]:
+    measured = [(25, 40.0), (50, 60.0), (100, 70.0)]
+    return {
+        "function": function,
+        "gpu_model": model,
+        "made_at": "2026-12-02T06:00:00Z",
+        "latency_slo_ms": 100,
+        "measurements": [
+            {"sm_percent": sm, "quota": 1.0, "concurrency": 2, "throughput_rps": rps,
+             "p50_ms": 20, "p95_ms": 25, "p99_ms": 30}
+            for sm, rps in measured
+        ],
+    }  # fmt: skip
+
+
+async def test_with_a_profile_the_least_footprint_setting_is_applied(
+    aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, backend = await provider(aiohttp_client, settings)
+    share = {"fastgshare/gpu_sm_partition": "50", "fastgshare/latency_slo_ms": "100"}
+    assert await faas_cli_deploy(client, {**STEER, "annotations": share}) == 202
+    await wait_available(client, "steer")
+    stored = await client.put(
+        "/system/profiles/steer", json=profile_of("steer.openfaas-fn", "virtual")
+    )
+    assert stored.status == 202
+    given = Given()
+    autoscaler = Autoscaler(
+        backend, lambda: given.calls, lambda: {"virtual"}, clock=lambda: given.now
+    )
+    caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
+    given.serve("steer.openfaas-fn", 20, 2.0)
+    await autoscaler.tick()
+    now = await wait_available(client, "steer")
+    # 20 req/s: one replica at 25% (0.25 of a GPU) in place of one at 50% (0.5)
+    assert now["annotations"]["fastgshare/gpu_sm_partition"] == "25"
+    assert now["annotations"]["fastgshare/gpu_quota_request"] == "1"
+    assert (
+        "steer.openfaas-fn to 25% SMs, quota 1 (new replicas, then the old ones go)" in caplog.text
+    )
+    assert (await client.post("/function/steer", data=b"hello")).status == 200
+    for _ in range(4):  # 100 req/s: four at 25% (1.0 of a GPU) beat three at 50% (1.5)
+        given.serve("steer.openfaas-fn", 100, 2.0)
+        await autoscaler.tick()
+    after = await wait_available(client, "steer", 4)
+    assert after["annotations"]["fastgshare/gpu_sm_partition"] == "25" and after["replicas"] == 4
+    (footprint,) = [
+        s.value for family in autoscaler.collector().collect() for s in family.samples
+        if s.name == "fast_gshare_autoscaler_footprint_ratio"
+    ]  # fmt: skip
+    assert footprint == pytest.approx(1.0)
+
+
+async def test_a_profile_of_another_gpu_model_is_not_applied(
+    aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, backend = await provider(aiohttp_client, settings)
+    share = {"fastgshare/gpu_sm_partition": "50", "fastgshare/latency_slo_ms": "100"}
+    assert await faas_cli_deploy(client, {**STEER, "annotations": share}) == 202
+    await wait_available(client, "steer")
+    other = profile_of("steer.openfaas-fn", "NVIDIA H200")
+    assert (await client.put("/system/profiles/steer", json=other)).status == 202
+    given = Given()
+    autoscaler = Autoscaler(
+        backend, lambda: given.calls, lambda: {"virtual"}, clock=lambda: given.now
+    )
+    caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
+    given.serve("steer.openfaas-fn", 20, 2.0)
+    await autoscaler.tick()
+    assert "its profile is of an NVIDIA H200, which this install does not have" in caplog.text
+    assert (await status(client, "steer"))["annotations"]["fastgshare/gpu_sm_partition"] == "50"
