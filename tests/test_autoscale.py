@@ -13,10 +13,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from faas_provider.api.app import create_app
+from faas_provider.api.keys import BACKEND
 from faas_provider.autoscale.loop import Autoscaler
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.settings import Settings
-from tests.conftest import STEER, faas_cli_deploy, local_backend, wait_available
+from tests.conftest import ECHO, STEER, faas_cli_deploy, local_backend, wait_available
 
 
 class Given:
@@ -161,3 +162,21 @@ async def test_a_profile_of_another_gpu_model_is_not_applied(
     await autoscaler.tick()
     assert "its profile is of an NVIDIA H200, which this install does not have" in caplog.text
     assert (await status(client, "steer"))["annotations"]["fastgshare/gpu_sm_partition"] == "50"
+
+
+async def test_either_backend_scales_as_the_autoscaler_decides(
+    provider: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    labels = {"com.openfaas.scale.max": "3", "com.openfaas.scale.target": "10"}
+    assert await faas_cli_deploy(provider, {**ECHO, "labels": labels}) == 202
+    await wait_available(provider, "echo")
+    given = Given()
+    backend = provider.server.app[BACKEND]
+    autoscaler = Autoscaler(backend, lambda: given.calls, set, clock=lambda: given.now)
+    caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
+    for _ in range(3):
+        given.serve("echo.openfaas-fn", 50, 2.0)  # 50 req/s: past the most, 3
+        await autoscaler.tick()
+    await wait_available(provider, "echo", 3)
+    assert "echo.openfaas-fn 1 -> 3 replicas: panic (a burst: 50.0 req/s over 6 s)" in caplog.text
+    assert "held at the most, 3" in caplog.text
