@@ -135,8 +135,13 @@ async def provider(
         await api.close()
 
 
-def a_profile(function: str, gpu_model: str = "NVIDIA H200") -> dict[str, object]:
-    """A profile as `fast-gshare profile` sends it: two settings measured."""
+def a_profile(
+    function: str,
+    gpu_model: str = "NVIDIA H200",
+    measured: tuple[tuple[int, float], ...] = ((25, 300.0), (50, 520.0)),
+) -> dict[str, object]:
+    """A profile as `fast-gshare profile` sends it: req/s of one replica at each SM partition
+    (quota 1, 4 in flight, p99 12 ms) of `measured`."""
     return {
         "function": function,
         "gpu_model": gpu_model,
@@ -145,7 +150,7 @@ def a_profile(function: str, gpu_model: str = "NVIDIA H200") -> dict[str, object
         "measurements": [
             {"sm_percent": sm, "quota": 1.0, "concurrency": 4, "throughput_rps": rps,
              "p50_ms": 5, "p95_ms": 9, "p99_ms": 12}
-            for sm, rps in ((25, 300.0), (50, 520.0))
+            for sm, rps in measured
         ],
     }  # fmt: skip
 

@@ -17,7 +17,14 @@ from faas_provider.api.keys import BACKEND
 from faas_provider.autoscale.loop import Autoscaler
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.settings import Settings
-from tests.conftest import ECHO, STEER, faas_cli_deploy, local_backend, wait_available
+from tests.conftest import (
+    ECHO,
+    STEER,
+    a_profile,
+    faas_cli_deploy,
+    local_backend,
+    wait_available,
+)
 
 
 class Given:
@@ -91,36 +98,28 @@ async def test_replicas_follow_the_rate_then_go_to_zero_when_idle(
     assert decisions == {("steer.openfaas-fn", "up"): 1.0, ("steer.openfaas-fn", "zero"): 1.0}
 
 
-def profile_of(function: str, model: str) -> dict[str, Any]:
-    measured = [(25, 40.0), (50, 60.0), (100, 70.0)]
-    return {
-        "function": function,
-        "gpu_model": model,
-        "made_at": "2026-12-02T06:00:00Z",
-        "latency_slo_ms": 100,
-        "measurements": [
-            {"sm_percent": sm, "quota": 1.0, "concurrency": 2, "throughput_rps": rps,
-             "p50_ms": 20, "p95_ms": 25, "p99_ms": 30}
-            for sm, rps in measured
-        ],
-    }  # fmt: skip
+async def profiled(
+    aiohttp_client: Any, settings: Settings, model: str
+) -> tuple[TestClient, Given, Autoscaler]:
+    """STEER at 50% SMs with a 100 ms target and a profile made on `model`, and an autoscaler
+    of this install (a virtual GPU) with a given clock and call counter."""
+    client, backend = await provider(aiohttp_client, settings)
+    share = {"fastgshare/gpu_sm_partition": "50", "fastgshare/latency_slo_ms": "100"}
+    assert await faas_cli_deploy(client, {**STEER, "annotations": share}) == 202
+    await wait_available(client, "steer")
+    profile = a_profile("steer.openfaas-fn", model, ((25, 40.0), (50, 60.0), (100, 70.0)))
+    assert (await client.put("/system/profiles/steer", json=profile)).status == 202
+    given = Given()
+    autoscaler = Autoscaler(
+        backend, lambda: given.calls, lambda: {"virtual"}, clock=lambda: given.now
+    )
+    return client, given, autoscaler
 
 
 async def test_with_a_profile_the_least_footprint_setting_is_applied(
     aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client, backend = await provider(aiohttp_client, settings)
-    share = {"fastgshare/gpu_sm_partition": "50", "fastgshare/latency_slo_ms": "100"}
-    assert await faas_cli_deploy(client, {**STEER, "annotations": share}) == 202
-    await wait_available(client, "steer")
-    stored = await client.put(
-        "/system/profiles/steer", json=profile_of("steer.openfaas-fn", "virtual")
-    )
-    assert stored.status == 202
-    given = Given()
-    autoscaler = Autoscaler(
-        backend, lambda: given.calls, lambda: {"virtual"}, clock=lambda: given.now
-    )
+    client, given, autoscaler = await profiled(aiohttp_client, settings, "virtual")
     caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
     given.serve("steer.openfaas-fn", 20, 2.0)
     await autoscaler.tick()
@@ -147,16 +146,7 @@ async def test_with_a_profile_the_least_footprint_setting_is_applied(
 async def test_a_profile_of_another_gpu_model_is_not_applied(
     aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client, backend = await provider(aiohttp_client, settings)
-    share = {"fastgshare/gpu_sm_partition": "50", "fastgshare/latency_slo_ms": "100"}
-    assert await faas_cli_deploy(client, {**STEER, "annotations": share}) == 202
-    await wait_available(client, "steer")
-    other = profile_of("steer.openfaas-fn", "NVIDIA H200")
-    assert (await client.put("/system/profiles/steer", json=other)).status == 202
-    given = Given()
-    autoscaler = Autoscaler(
-        backend, lambda: given.calls, lambda: {"virtual"}, clock=lambda: given.now
-    )
+    client, given, autoscaler = await profiled(aiohttp_client, settings, "NVIDIA H200")
     caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
     given.serve("steer.openfaas-fn", 20, 2.0)
     await autoscaler.tick()
