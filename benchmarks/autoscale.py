@@ -1,16 +1,29 @@
-"""How fast a GPU function scales up on fast-gshare: from zero to its first answer, and from one
-replica to three, for a ResNet-50 function (fp16) on one GPU.
+"""The autoscaler on a GPU: how fast a function scales up, and how it follows a ramp of load,
+for a ResNet-50 function (fp16) on one GPU.
 
-    python benchmarks/autoscale.py [--repeats 3]
+    python benchmarks/autoscale.py [--modes start ramp] [--repeats 3] [--peak 3000] \\
+        [--ramp-seconds 180] [--processes 8]
 
+start:
 - zero-to-first-answer: the function at 0 replicas is scaled to 1, as the gateway does when a
   request comes for it, and a 224 x 224 JPEG is sent until it is answered 200 (the gateway holds
   the request meanwhile): from the scale call to that answer.
 - one-to-three: from the scale call to three replicas ready.
 
 The replicas are forked from the provider's fork server (torch and torchvision imported
-already); each one creates its CUDA context, loads the model and warms it up. Prints a table
-and writes benchmarks/results/autoscale.json. Needs torch and torchvision.
+already); each one creates its CUDA context, loads the model and warms it up.
+
+ramp: the function with a 50 ms p99 target, its H200 profile (benchmarks/results/
+profile-resnet50.json), `com.openfaas.scale.max` 20 and scale to zero after 30 idle seconds;
+open-loop Poisson load of one JPEG a request from --processes processes, 50 req/s rising to
+--peak, held, and falling back to 50 over --ramp-seconds, then none. Per second: the rate
+offered and answered, the p99 of the requests sent in it, the replicas and the GPU footprint
+the autoscaler planned. Reported: the share of seconds past the ramp's first 10 whose p99 was
+within the target, the GPU-share-seconds held against a deployment sized for the peak, and
+when it scaled to zero.
+
+Prints tables, writes benchmarks/results/autoscale.json (and autoscale.png for the ramp).
+Needs torch and torchvision.
 """
 
 from __future__ import annotations
@@ -18,18 +31,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sharing import REPO, _jpeg, provider
 
 RESULTS = REPO / "benchmarks" / "results" / "autoscale.json"
+LOW_RPS = 50.0
+SETTLE_S = 10  # the ramp's first seconds, not judged
+IDLE_WAIT_S = 90.0  # after the load: time given to scale to zero
 FUNCTION = {
     "image": "fast-gshare/resnet50:0.1.0",
     "annotations": {"fastgshare/gpu_sm_partition": "25"},
@@ -59,9 +78,28 @@ def answered(base: str, image: bytes) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--modes", nargs="+", default=["start", "ramp"], choices=["start", "ramp"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak", type=float, default=3000.0, help="req/s at the ramp's top")
+    parser.add_argument("--ramp-seconds", type=float, default=180.0)
+    parser.add_argument("--processes", type=int, default=8, help="load generating processes")
     args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results |= {"benchmark": "autoscale", "card": _card()}
+    if "start" in args.modes:
+        results["start"] = start(args)
+    if "ramp" in args.modes:
+        results["ramp"] = ramp(args)
+    results["when"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+def start(args: argparse.Namespace) -> dict[str, Any]:
+    """Scale from zero to the first answer, and from one replica to three."""
     image = _jpeg()
     zero: list[float] = []
     three: list[float] = []
@@ -83,9 +121,6 @@ def main() -> None:
             print(f"  attempt {attempt + 1}: 0 -> first answer {zero[-1]:.2f} s, "
                   f"1 -> 3 ready {three[-1]:.2f} s", flush=True)  # fmt: skip
     result = {
-        "benchmark": "autoscale",
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "card": _card(),
         "zero_to_first_answer_s": zero,
         "one_to_three_ready_s": three,
         "zero_to_first_answer_median_s": statistics.median(zero),
@@ -96,8 +131,204 @@ def main() -> None:
           f"{', '.join(f'{s:.2f}' for s in zero):>24}")  # fmt: skip
     print(f"{'1 -> 3 replicas ready':<28} {result['one_to_three_ready_median_s']:>7.2f}s "
           f"{', '.join(f'{s:.2f}' for s in three):>24}")  # fmt: skip
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {RESULTS}")
+    return result
+
+
+def offered_rate(t: float, peak: float, seconds: float) -> float:
+    """The ramp: 50 req/s rising to `peak` over the first third, held, and back to 50."""
+    third = seconds / 3
+    if t < third:
+        return LOW_RPS + (peak - LOW_RPS) * t / third
+    if t < 2 * third:
+        return peak
+    if t < seconds:
+        return peak - (peak - LOW_RPS) * (t - 2 * third) / third
+    return 0.0
+
+
+def load_process(url: str, body: bytes, share: float, args: argparse.Namespace, began: float,
+                 out: multiprocessing.Queue[list[tuple[float, float, int]]]) -> None:  # fmt: skip
+    """Open-loop Poisson arrivals at `share` of the ramp's rate: (sent, latency, status)."""
+    import asyncio
+    import random
+
+    import aiohttp
+
+    async def run() -> list[tuple[float, float, int]]:
+        done: list[tuple[float, float, int]] = []
+        rng = random.Random(os.getpid())
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=timeout
+        ) as session:
+
+            async def call(sent: float) -> None:
+                try:
+                    async with session.post(url, data=body) as answer:
+                        await answer.read()
+                        status = answer.status
+                except (aiohttp.ClientError, TimeoutError):
+                    status = 0
+                done.append((sent - began, time.time() - sent, status))
+
+            tasks = set()
+            while (t := time.time() - began) < args.ramp_seconds:
+                rate = offered_rate(t, args.peak, args.ramp_seconds) * share
+                await asyncio.sleep(rng.expovariate(rate))
+                task = asyncio.create_task(call(time.time()))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+        return done
+
+    out.put(asyncio.run(run()))
+
+
+def ramp(args: argparse.Namespace) -> dict[str, Any]:
+    """The ramp of load against the autoscaled function, second by second."""
+    profile = json.loads((REPO / "benchmarks/results/profile-resnet50.json").read_text())
+    function = {
+        "image": "fast-gshare/resnet50:0.1.0",
+        "annotations": {"fastgshare/gpu_sm_partition": "12", "fastgshare/latency_slo_ms": "50"},
+        "labels": {"com.openfaas.scale.max": "20", "com.openfaas.scale.zero": "true",
+                   "com.openfaas.scale.zero-duration": "30s"},
+    }  # fmt: skip
+    body = _jpeg()
+    timeline: list[dict[str, float]] = []
+    with provider({"resnet50": function}) as base:
+        request = urllib.request.Request(
+            f"{base}/system/profiles/resnet50", data=json.dumps(profile).encode(), method="PUT"
+        )
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+        began = time.time()
+        out: multiprocessing.Queue[list[tuple[float, float, int]]] = multiprocessing.Queue()
+        workers = [
+            multiprocessing.Process(
+                target=load_process,
+                args=(f"{base}/function/resnet50", body, 1 / args.processes, args, began, out),
+            )
+            for _ in range(args.processes)
+        ]
+        for worker in workers:
+            worker.start()
+        zero_at = None
+        while (t := time.time() - began) < args.ramp_seconds + IDLE_WAIT_S:
+            replicas, footprint = _look(base)
+            timeline.append({"t": t, "replicas": replicas, "footprint": footprint})
+            if int(t) % 10 == 0:
+                offered = offered_rate(t, args.peak, args.ramp_seconds)
+                print(f"  {t:5.0f} s  offered {offered:6.0f} req/s  {replicas:2.0f} replicas  "
+                      f"footprint {footprint:.2f}", flush=True)  # fmt: skip
+            if t > args.ramp_seconds and replicas == 0:
+                zero_at = t - args.ramp_seconds
+                break
+            time.sleep(1.0)
+        calls = [call for _ in workers for call in out.get()]
+        for worker in workers:
+            worker.join()
+    return _ramp_result(calls, timeline, zero_at, profile, args)
+
+
+def _look(base: str) -> tuple[float, float]:
+    """The function's replicas and the footprint the autoscaler planned, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    replicas = footprint = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("function_name") != "resnet50.openfaas-fn":
+                continue
+            if (
+                sample.name == "fast_gshare_function_replicas"
+                and sample.labels["state"] == "desired"
+            ):
+                replicas = sample.value
+            elif sample.name == "fast_gshare_autoscaler_footprint_ratio":
+                footprint = sample.value
+    return replicas, footprint
+
+
+def _ramp_result(
+    calls: list[tuple[float, float, int]],
+    timeline: list[dict[str, float]],
+    zero_at: float | None,
+    profile: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    from faas_provider.autoscale.decide import ScaleBounds, plan
+    from faas_provider.profile.model import Profile
+
+    seconds = int(args.ramp_seconds)
+    per_second: list[dict[str, float]] = []
+    for second in range(seconds):
+        sent = [c for c in calls if second <= c[0] < second + 1]
+        ok = sorted(latency for _, latency, status in sent if status == 200)
+        p99 = ok[min(len(ok) - 1, int(0.99 * len(ok)))] * 1000 if ok else float("nan")
+        failed = len(sent) - len(ok)
+        per_second.append({"second": second, "offered": offered_rate(second, args.peak, seconds),
+                           "sent": len(sent), "answered": len(ok), "failed": failed,
+                           "p99_ms": p99})  # fmt: skip
+    judged = [s for s in per_second if s["second"] >= SETTLE_S]
+    within = sum(1 for s in judged if s["p99_ms"] <= 50 and not s["failed"]) / len(judged)
+    held = sum(entry["footprint"] for entry in timeline if entry["t"] < seconds)
+    capacities = Profile.model_validate(profile).capacities(50)
+    peak_plan = plan(args.peak, capacities, ScaleBounds(max_replicas=20))
+    static = peak_plan.footprint * seconds
+    result = {
+        "peak_rps": args.peak,
+        "seconds": seconds,
+        "seconds_within_target": within,
+        "gpu_share_seconds": held,
+        "static_for_peak_gpu_share_seconds": static,
+        "static_plan": peak_plan.reason,
+        "scaled_to_zero_after_s": zero_at,
+        "requests": len(calls),
+        "failed": sum(1 for c in calls if c[2] != 200),
+        "per_second": per_second,
+        "timeline": timeline,
+    }
+    print(f"\nseconds past the first {SETTLE_S} with p99 <= 50 ms and no failure: {within:.1%}")
+    print(f"GPU-share-seconds held: {held:.1f}, against {static:.1f} for a static deployment "
+          f"sized for the peak ({peak_plan.reason})")  # fmt: skip
+    print(f"scaled to zero {zero_at:.0f} s after the load ended" if zero_at is not None
+          else "not scaled to zero in the time waited")  # fmt: skip
+    _plot(result)
+    return result
+
+
+def _plot(result: dict[str, Any]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no PNG: matplotlib is not installed")
+        return
+    figure, (load, latency, footprint) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    seconds = [s["second"] for s in result["per_second"]]
+    load.plot(seconds, [s["offered"] for s in result["per_second"]], label="offered")
+    load.plot(seconds, [s["answered"] for s in result["per_second"]], label="answered")
+    load.set_ylabel("req/s")
+    load.legend()
+    latency.plot(seconds, [s["p99_ms"] for s in result["per_second"]], color="tab:red")
+    latency.axhline(50, linestyle="--", color="grey", label="target")
+    latency.set_ylabel("p99 ms")
+    latency.legend()
+    times = [entry["t"] for entry in result["timeline"]]
+    footprint.plot(times, [entry["footprint"] for entry in result["timeline"]], label="footprint")
+    footprint.plot(times, [entry["replicas"] / 10 for entry in result["timeline"]],
+                   label="replicas / 10")  # fmt: skip
+    footprint.set_ylabel("GPUs")
+    footprint.set_xlabel("seconds")
+    footprint.legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS.with_suffix(".png"), dpi=110)
+    plt.close(figure)
+    print(f"drew {RESULTS.with_suffix('.png')}")
 
 
 def _card() -> str:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from faas_provider.api.app import create_app
-from faas_provider.api.keys import BACKEND
+from faas_provider.api.keys import AUTOSCALER, BACKEND
 from faas_provider.autoscale.loop import Autoscaler
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.settings import Settings
@@ -170,3 +170,24 @@ async def test_either_backend_scales_as_the_autoscaler_decides(
     await wait_available(provider, "echo", 3)
     assert "echo.openfaas-fn 1 -> 3 replicas: panic (a burst: 50.0 req/s over 6 s)" in caplog.text
     assert "held at the most, 3" in caplog.text
+
+
+async def test_a_profile_stored_through_the_provider_is_followed_at_the_next_tick(
+    aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    slow = settings.model_copy(update={"autoscale_tick_s": 3600.0})  # the test ticks it
+    client = await aiohttp_client(create_app(local_backend(slow), slow))
+    autoscaler = client.server.app[AUTOSCALER]
+    share = {"fastgshare/gpu_sm_partition": "50", "fastgshare/latency_slo_ms": "100"}
+    assert await faas_cli_deploy(client, {**STEER, "annotations": share}) == 202
+    await wait_available(client, "steer")
+    caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
+    await autoscaler.tick()
+    assert (
+        "steer.openfaas-fn scales its replicas on the rate alone: it has no profile" in caplog.text
+    )
+    profile = a_profile("steer.openfaas-fn", "virtual", ((25, 40.0), (50, 60.0)))
+    assert (await client.put("/system/profiles/steer", json=profile)).status == 202
+    await autoscaler.tick()  # not PROFILE_REFRESH_S later: at once
+    now = await wait_available(client, "steer")
+    assert now["annotations"]["fastgshare/gpu_sm_partition"] == "25", "no call: the least"

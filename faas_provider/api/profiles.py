@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from faas_provider.api.keys import BACKEND
+from faas_provider.api.keys import AUTOSCALER, BACKEND
 from faas_provider.api.params import dns_label, namespace_param, read_model
 from faas_provider.profile.model import Profile
 
@@ -29,4 +29,6 @@ async def put_profile(request: web.Request) -> web.Response:
             text=f"the profile is of {profile.function}, not {name}.{namespace}"
         )
     await request.app[BACKEND].store_profile(name, namespace, profile)
+    if AUTOSCALER in request.app:
+        request.app[AUTOSCALER].profile_changed(profile.function)
     return web.Response(status=202)

@@ -40,7 +40,8 @@ from faas_provider.profile.model import Capacity, Profile
 log = logging.getLogger("fast_gshare.autoscaler")
 
 TICK_S = 2.0  # Knative's
-PROFILE_REFRESH_S = 30.0  # how often a function's stored profile is read again
+PROFILE_REFRESH_S = 30.0  # how often a function's stored profile is read again (and at once
+# when one is stored through this provider)
 
 
 def autoscaled(status: FunctionStatus) -> bool:
@@ -233,6 +234,12 @@ class Autoscaler:
             )
         followed.profile = profile
         followed.scaler.capacities = capacities
+
+    def profile_changed(self, function: str) -> None:
+        """Read `function`'s (`name.namespace`) profile again at the next tick."""
+        followed = self._followed.get(function)
+        if followed is not None:
+            followed.profile_read_at = float("-inf")
 
     def last_decisions(self) -> dict[str, Decision]:
         """The last decision for each function followed, by `name.namespace`."""
