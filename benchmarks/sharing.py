@@ -346,7 +346,12 @@ def provider(functions: dict[str, dict[str, Any]], *flags: str) -> Iterator[str]
             yield base
         finally:
             process.terminate()
-            process.wait(timeout=60)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                print("  the provider did not stop within 60 s of SIGTERM: killed", flush=True)
+                process.kill()
+                process.wait()
             log.close()
             print(f"  provider log tail:\n{Path(scratch, 'provider.log').read_text()[-1500:]}")
 
