@@ -6,6 +6,8 @@ replaced) and then more replicas of it; a profile of another model is not applie
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -191,3 +193,27 @@ async def test_a_profile_stored_through_the_provider_is_followed_at_the_next_tic
     await autoscaler.tick()  # not PROFILE_REFRESH_S later: at once
     now = await wait_available(client, "steer")
     assert now["annotations"]["fastgshare/gpu_sm_partition"] == "25", "no call: the least"
+
+
+async def test_a_tick_that_fails_is_logged_and_the_autoscaler_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Flaky:
+        """A backend whose first look fails as a bug would."""
+
+        calls = 0
+
+        async def list_namespaces(self) -> list[str]:
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("a bug")
+            return []
+
+    autoscaler = Autoscaler(Flaky(), dict, set, tick_s=0.01)  # type: ignore[arg-type]
+    running = asyncio.create_task(autoscaler.run())
+    await asyncio.sleep(0.1)
+    assert not running.done() and Flaky.calls > 2, "it goes on ticking"
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    assert "autoscaler: this tick failed" in caplog.text and "RuntimeError: a bug" in caplog.text

@@ -103,12 +103,15 @@ class Autoscaler:
         )
 
     async def run(self) -> None:
-        """Tick until cancelled; a failed tick is logged and the next one tries again."""
+        """Tick until cancelled; a failed tick is logged and the next one tries again (so the
+        task never ends with an error that would keep the provider from closing its backend)."""
         while True:
             try:
                 await self.tick()
             except ProviderError as error:
                 log.warning("autoscaler: this tick failed: %s", error)
+            except Exception:
+                log.exception("autoscaler: this tick failed")
             await asyncio.sleep(self._tick_s)
 
     async def tick(self) -> None:
