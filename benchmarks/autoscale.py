@@ -268,9 +268,9 @@ def _ramp_result(
         ok = sorted(latency for _, latency, status in sent if status == 200)
         p99 = ok[min(len(ok) - 1, int(0.99 * len(ok)))] * 1000 if ok else float("nan")
         failed = len(sent) - len(ok)
-        per_second.append({"second": second, "offered": offered_rate(second, args.peak, seconds),
-                           "sent": len(sent), "answered": len(ok), "failed": failed,
-                           "p99_ms": p99})  # fmt: skip
+        offered = offered_rate(second + 0.5, args.peak, seconds)
+        per_second.append({"second": second, "offered": offered, "sent": len(sent),
+                           "answered": len(ok), "failed": failed, "p99_ms": p99})  # fmt: skip
     judged = [s for s in per_second if s["second"] >= SETTLE_S]
     within = sum(1 for s in judged if s["p99_ms"] <= 50 and not s["failed"]) / len(judged)
     held = sum(entry["footprint"] for entry in timeline if entry["t"] < seconds)
