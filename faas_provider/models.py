@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -59,6 +60,23 @@ def check_namespace_deletion(name: str, has_functions: bool) -> None:
 def namespace_or_default(value: str | None) -> str:
     """Missing or empty namespace means the default function namespace."""
     return value or DEFAULT_NAMESPACE
+
+
+def replica_label(labels: Mapping[str, str], label: str, default: int) -> int:
+    """A replica count in label `label` (`default` without it); InvalidRequest naming the label
+    when it is not a whole number from 0 to MAX_REPLICAS."""
+    text = labels.get(label)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_REPLICAS:
+        raise InvalidRequest(
+            f"label {label} must be a whole number from 0 to {MAX_REPLICAS}, not {text!r}"
+        )
+    return value
 
 
 def _null_to_empty_dict(value: Any) -> Any:
@@ -144,17 +162,7 @@ class FunctionDeployment(_Wire):
     def min_replicas(self) -> int:
         """Replicas it starts with: label com.openfaas.scale.min, default 1; InvalidRequest
         naming the label when that is not a whole number from 0 to MAX_REPLICAS."""
-        text = self.labels.get(SCALE_MIN_LABEL, "1")
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if not 0 <= value <= MAX_REPLICAS:
-            raise InvalidRequest(
-                f"label {SCALE_MIN_LABEL} must be a whole number from 0 to {MAX_REPLICAS}, "
-                f"not {text!r}"
-            )
-        return value
+        return replica_label(self.labels, SCALE_MIN_LABEL, 1)
 
     def runtime_digest(self) -> str:
         """A digest of what its replicas are started from (all but the labels): an update that

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from faas_provider.errors import InvalidRequest
-from faas_provider.models import MAX_REPLICAS, SCALE_MIN_LABEL
+from faas_provider.models import SCALE_MIN_LABEL, replica_label
 from faas_provider.profile.model import Capacity
 
 SCALE_MAX_LABEL = "com.openfaas.scale.max"
@@ -51,8 +51,8 @@ class ScaleBounds:
     @classmethod
     def from_labels(cls, labels: Mapping[str, str]) -> ScaleBounds:
         """The bounds in `labels`; InvalidRequest naming the label that is not valid."""
-        low = _whole(labels, SCALE_MIN_LABEL, 1)
-        high = _whole(labels, SCALE_MAX_LABEL, max(low, DEFAULT_MAX_REPLICAS))
+        low = replica_label(labels, SCALE_MIN_LABEL, 1)
+        high = replica_label(labels, SCALE_MAX_LABEL, max(low, DEFAULT_MAX_REPLICAS))
         if high < low:
             raise InvalidRequest(
                 f"label {SCALE_MAX_LABEL} ({high}) is below {SCALE_MIN_LABEL} ({low})"
@@ -227,20 +227,6 @@ class FunctionScaler:
         if self.bounds.zero and idle and chosen.replicas > 0:
             chosen = Plan(0, chosen.setting, 0.0, f"idle for {idle_s:.0f} s: scaled to zero")
         return Decision(chosen, panicking, stable, panic_rate)
-
-
-def _whole(labels: Mapping[str, str], label: str, default: int) -> int:
-    text = labels.get(label)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_REPLICAS:
-        raise InvalidRequest(f"label {label} must be a whole number from 0 to {MAX_REPLICAS}, "
-                             f"not {text!r}")  # fmt: skip
-    return value
 
 
 def _positive(labels: Mapping[str, str], label: str, default: float) -> float:

@@ -33,8 +33,14 @@ from faas_provider.autoscale.decide import (
 )
 from faas_provider.backends.base import Backend
 from faas_provider.errors import NotFound, ProviderError
-from faas_provider.gpu.share import LATENCY_SLO, QUOTA_LIMIT, QUOTA_REQUEST, SM_PARTITION
-from faas_provider.models import FunctionDeployment, FunctionStatus
+from faas_provider.gpu.share import (
+    LATENCY_SLO,
+    QUOTA_LIMIT,
+    QUOTA_REQUEST,
+    SM_PARTITION,
+    gpu_share,
+)
+from faas_provider.models import FUNCTION_LABEL, FunctionDeployment, FunctionStatus
 from faas_provider.profile.model import Capacity, Profile
 
 log = logging.getLogger("fast_gshare.autoscaler")
@@ -53,16 +59,26 @@ def autoscaled(status: FunctionStatus) -> bool:
     )
 
 
-def current_setting(status: FunctionStatus, concurrency: int) -> Setting | None:
-    """The GPU setting a function runs at now (None for a function with no GPU share)."""
-    if SM_PARTITION not in status.annotations:
+def deployment_of(status: FunctionStatus) -> FunctionDeployment:
+    """The deployment a function's status shows (what an update of it starts from)."""
+    wire = status.to_wire()
+    wire["service"] = wire.pop("name")
+    wire["labels"] = {k: v for k, v in status.labels.items() if k != FUNCTION_LABEL}
+    return FunctionDeployment.model_validate(wire)
+
+
+def current_setting(deployment: FunctionDeployment, capacities: list[Capacity]) -> Setting | None:
+    """The GPU setting a function runs at now: its share, with the concurrency its profile
+    measured there (None for a function with no GPU share, or a whole GPU)."""
+    share = gpu_share(deployment)
+    if share is None or share.exclusive:
         return None
-    try:
-        sm = int(status.annotations[SM_PARTITION])
-        quota = float(status.annotations.get(QUOTA_REQUEST, "1"))
-    except ValueError:
-        return None
-    return Setting(sm, quota, concurrency)
+    here = (share.sm_percent, share.quota_request)
+    concurrency = next(
+        (c.concurrency for c in capacities if (c.sm_percent, c.quota) == here),
+        capacities[0].concurrency if capacities else 1,
+    )
+    return Setting(share.sm_percent, share.quota_request, concurrency)
 
 
 @dataclass
@@ -143,21 +159,14 @@ class Autoscaler:
         followed.scaler.bounds = bounds
         await self._read_profile(now, function, status, followed)
         followed.scaler.observe(now, calls)
-        capacities = followed.scaler.capacities
-        concurrency = capacities[0].concurrency if capacities else 1
-        current = current_setting(status, concurrency)
-        if current is not None and capacities:
-            current = next(
-                (Setting(c.sm_percent, c.quota, c.concurrency) for c in capacities
-                 if (c.sm_percent, c.quota) == (current.sm_percent, current.quota)),
-                current,
-            )  # fmt: skip
+        deployment = deployment_of(status)
+        current = current_setting(deployment, followed.scaler.capacities)
         decision = followed.scaler.decide(now, status.available_replicas, current, status.replicas)
         followed.last = decision
         wanted = decision.plan
         if wanted.setting is not None and current is not None and wanted.setting != current:
             # current is the capacity of its SM partition and quota: a change is a new share
-            await self._apply_setting(function, status, wanted.setting, wanted.reason)
+            await self._apply_setting(function, deployment, wanted.setting, wanted.reason)
         if wanted.replicas != status.replicas:
             action = (
                 "zero"
@@ -175,19 +184,15 @@ class Autoscaler:
             self.decisions.labels(function, action).inc()
 
     async def _apply_setting(
-        self, function: str, status: FunctionStatus, setting: Setting, reason: str
+        self, function: str, deployment: FunctionDeployment, setting: Setting, reason: str
     ) -> None:
         annotations = {
-            **status.annotations,
+            **deployment.annotations,
             SM_PARTITION: str(setting.sm_percent),
             QUOTA_REQUEST: f"{setting.quota:g}",
             QUOTA_LIMIT: f"{setting.quota:g}",
         }
-        wire = status.to_wire()
-        wire["service"] = wire.pop("name")
-        wire["annotations"] = annotations
-        wire["labels"] = {k: v for k, v in status.labels.items() if k != "faas_function"}
-        deployment = FunctionDeployment.model_validate(wire)
+        deployment = deployment.model_copy(update={"annotations": annotations})
         log.info(
             "autoscaler: %s to %d%% SMs, quota %g (new replicas, then the old ones go): %s",
             function,
