@@ -7,7 +7,8 @@ concurrency of the grid, that many closed-loop clients send the function's sampl
 through the provider's proxy (proxy, gate, replica) for a while after a warm-up, and the
 throughput and latency percentiles are kept. The copy is deleted at the end, whatever
 happens; the function itself keeps serving throughout. The profile names the GPU model the
-copy ran on, read from the provider's /metrics (`fast_gshare_gpu_info`).
+copy ran on, the one model of the install's GPUs, read from the provider's /metrics
+(`fast_gshare_gpu_info`) before anything is deployed.
 """
 
 from __future__ import annotations
@@ -70,14 +71,18 @@ async def profile_function(
         if latency_slo_ms is None and LATENCY_SLO in original.get("annotations", {}):
             latency_slo_ms = float(original["annotations"][LATENCY_SLO])
         copy_name = f"{name}{COPY_SUFFIX}"
+        models = await _gpu_models(session)
+        if len(models) != 1:
+            raise ProfileError(
+                f"this install has GPUs of models {sorted(models) or 'unknown'}: a profile is of "
+                "one GPU model"
+            )
         measurements: list[Measurement] = []
-        models: set[str] = set()
         try:
             for sm in grid.sm_percents:
                 for quota in grid.quotas:
                     say(f"deploying {copy_name} at {sm}% SMs, quota {quota:g}", None)
                     await _redeploy(session, _copy(original, copy_name, sm, quota))
-                    models |= await _gpu_models(session)
                     target = f"/function/{copy_name}.{namespace}"
                     for clients in grid.concurrencies:
                         say(f"{sm}% SMs, quota {quota:g}, {clients} in flight", None)
@@ -88,11 +93,6 @@ async def profile_function(
                         say("", result)
         finally:
             await _delete(session, copy_name, namespace)
-        if len(models) != 1:
-            raise ProfileError(
-                f"the copy ran on GPUs of models {sorted(models) or 'unknown'}: a profile is of "
-                "one GPU model"
-            )
         profile = Profile(
             function=f"{name}.{namespace}",
             gpu_model=models.pop(),

@@ -792,15 +792,16 @@ class KubernetesBackend:
 
     async def _remove(self, namespace: str, objects: list[tuple[str, str]]) -> None:
         """Delete `objects` (kind, name), last made first; those already gone are fine."""
+        deletions = {
+            "Deployment": self._apps.delete_namespaced_deployment,
+            "Service": self._core.delete_namespaced_service,
+            "ConfigMap": self._core.delete_namespaced_config_map,
+        }
+        informers = {"Deployment": self._deployments, "Service": self._services}
         for kind, name in reversed(objects):
-            deletions = {
-                "Deployment": self._apps.delete_namespaced_deployment,
-                "Service": self._core.delete_namespaced_service,
-                "ConfigMap": self._core.delete_namespaced_config_map,
-            }
             with contextlib.suppress(NotFound):
                 await self._call(f"{kind} {namespace}/{name}", deletions[kind](name, namespace))
-            informer = {"Deployment": self._deployments, "Service": self._services}.get(kind)
+            informer = informers.get(kind)
             if informer is not None:
                 informer.items.pop((namespace, name), None)
 
