@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import multiprocessing
 import os
 import statistics
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=3000.0, help="req/s at the ramp's top")
     parser.add_argument("--ramp-seconds", type=float, default=180.0)
     parser.add_argument("--processes", type=int, default=8, help="load generating processes")
+    parser.add_argument("--workers", type=int, default=1, help="the provider's --workers")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results |= {"benchmark": "autoscale", "card": _card()}
@@ -195,7 +198,9 @@ def ramp(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     body = _jpeg()
     timeline: list[dict[str, float]] = []
-    with provider({"resnet50": function}) as base:
+    log = Path(tempfile.mkdtemp(prefix="autoscale-"), "provider.log")
+    flags = ("--workers", str(args.workers))
+    with provider({"resnet50": function}, *flags, keep_log=log) as base:
         request = urllib.request.Request(
             f"{base}/system/profiles/resnet50", data=json.dumps(profile).encode(), method="PUT"
         )
@@ -207,6 +212,7 @@ def ramp(args: argparse.Namespace) -> dict[str, Any]:
             multiprocessing.Process(
                 target=load_process,
                 args=(f"{base}/function/resnet50", body, 1 / args.processes, args, began, out),
+                daemon=True,
             )
             for _ in range(args.processes)
         ]
@@ -227,15 +233,24 @@ def ramp(args: argparse.Namespace) -> dict[str, Any]:
         calls = [call for _ in workers for call in out.get()]
         for worker in workers:
             worker.join()
-    return _ramp_result(calls, timeline, zero_at, profile, args)
+    decisions = [line for line in log.read_text().splitlines() if "fast_gshare.autoscaler" in line]
+    print("autoscaler decisions:", *decisions, sep="\n  ")
+    result = _ramp_result(calls, timeline, zero_at, profile, args)
+    result["decisions"] = decisions
+    return result
 
 
 def _look(base: str) -> tuple[float, float]:
-    """The function's replicas and the footprint the autoscaler planned, from /metrics."""
+    """The function's replicas and the footprint the autoscaler planned, from /metrics; NaN
+    when /metrics did not answer within 5 s."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except (urllib.error.URLError, TimeoutError) as error:
+        print(f"  /metrics did not answer: {error}", flush=True)
+        return float("nan"), float("nan")
     replicas = footprint = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -273,7 +288,7 @@ def _ramp_result(
                            "answered": len(ok), "failed": failed, "p99_ms": p99})  # fmt: skip
     judged = [s for s in per_second if s["second"] >= SETTLE_S]
     within = sum(1 for s in judged if s["p99_ms"] <= 50 and not s["failed"]) / len(judged)
-    held = sum(entry["footprint"] for entry in timeline if entry["t"] < seconds)
+    held = _integral(timeline, "footprint", seconds)
     capacities = Profile.model_validate(profile).capacities(50)
     peak_plan = plan(args.peak, capacities, ScaleBounds(max_replicas=20))
     static = peak_plan.footprint * seconds
@@ -297,6 +312,19 @@ def _ramp_result(
           else "not scaled to zero in the time waited")  # fmt: skip
     _plot(result)
     return result
+
+
+def _integral(timeline: list[dict[str, float]], key: str, until: float) -> float:
+    """The time integral of `key` over the timeline up to `until`, each reading held until the
+    next; a missing reading (NaN) holds the one before."""
+    total, last = 0.0, 0.0
+    for entry, following in itertools.pairwise(timeline):
+        if entry["t"] >= until:
+            break
+        if entry[key] == entry[key]:
+            last = entry[key]
+        total += last * (min(following["t"], until) - entry["t"])
+    return total
 
 
 def _plot(result: dict[str, Any]) -> None:

@@ -303,9 +303,11 @@ def _jpeg(side: int = 224) -> bytes:
 
 
 @contextlib.contextmanager
-def provider(functions: dict[str, dict[str, Any]], *flags: str) -> Iterator[str]:
+def provider(
+    functions: dict[str, dict[str, Any]], *flags: str, keep_log: Path | None = None
+) -> Iterator[str]:
     """`fast-gshare up` with `functions` (name -> stack entry) and `flags`, until all are
-    available."""
+    available; its log is copied to `keep_log` when it stops."""
     import socket
     import urllib.request
 
@@ -353,6 +355,8 @@ def provider(functions: dict[str, dict[str, Any]], *flags: str) -> Iterator[str]
                 process.kill()
                 process.wait()
             log.close()
+            if keep_log is not None:
+                shutil.copyfile(Path(scratch, "provider.log"), keep_log)
             print(f"  provider log tail:\n{Path(scratch, 'provider.log').read_text()[-1500:]}")
 
 
