@@ -32,6 +32,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -198,42 +199,45 @@ def ramp(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     body = _jpeg()
     timeline: list[dict[str, float]] = []
-    log = Path(tempfile.mkdtemp(prefix="autoscale-"), "provider.log")
     flags = ("--workers", str(args.workers))
-    with provider({"resnet50": function}, *flags, keep_log=log) as base:
-        request = urllib.request.Request(
-            f"{base}/system/profiles/resnet50", data=json.dumps(profile).encode(), method="PUT"
-        )
-        with urllib.request.urlopen(request, timeout=10):
-            pass
-        began = time.time()
-        out: multiprocessing.Queue[list[tuple[float, float, int]]] = multiprocessing.Queue()
-        workers = [
-            multiprocessing.Process(
-                target=load_process,
-                args=(f"{base}/function/resnet50", body, 1 / args.processes, args, began, out),
-                daemon=True,
+    with tempfile.TemporaryDirectory(prefix="autoscale-") as scratch:
+        log = Path(scratch, "provider.log")
+        with provider({"resnet50": function}, *flags, keep_log=log) as base:
+            request = urllib.request.Request(
+                f"{base}/system/profiles/resnet50", data=json.dumps(profile).encode(), method="PUT"
             )
-            for _ in range(args.processes)
+            with urllib.request.urlopen(request, timeout=10):
+                pass
+            began = time.time()
+            out: multiprocessing.Queue[list[tuple[float, float, int]]] = multiprocessing.Queue()
+            workers = [
+                multiprocessing.Process(
+                    target=load_process,
+                    args=(f"{base}/function/resnet50", body, 1 / args.processes, args, began, out),
+                    daemon=True,
+                )
+                for _ in range(args.processes)
+            ]
+            for worker in workers:
+                worker.start()
+            zero_at = None
+            while (t := time.time() - began) < args.ramp_seconds + IDLE_WAIT_S:
+                replicas, footprint = _look(base)
+                timeline.append({"t": t, "replicas": replicas, "footprint": footprint})
+                if int(t) % 10 == 0:
+                    offered = offered_rate(t, args.peak, args.ramp_seconds)
+                    print(f"  {t:5.0f} s  offered {offered:6.0f} req/s  {replicas:2.0f} replicas  "
+                          f"footprint {footprint:.2f}", flush=True)  # fmt: skip
+                if t > args.ramp_seconds and replicas == 0:
+                    zero_at = t - args.ramp_seconds
+                    break
+                time.sleep(1.0)
+            calls = [call for _ in workers for call in out.get()]
+            for worker in workers:
+                worker.join()
+        decisions = [
+            line for line in log.read_text().splitlines() if "fast_gshare.autoscaler" in line
         ]
-        for worker in workers:
-            worker.start()
-        zero_at = None
-        while (t := time.time() - began) < args.ramp_seconds + IDLE_WAIT_S:
-            replicas, footprint = _look(base)
-            timeline.append({"t": t, "replicas": replicas, "footprint": footprint})
-            if int(t) % 10 == 0:
-                offered = offered_rate(t, args.peak, args.ramp_seconds)
-                print(f"  {t:5.0f} s  offered {offered:6.0f} req/s  {replicas:2.0f} replicas  "
-                      f"footprint {footprint:.2f}", flush=True)  # fmt: skip
-            if t > args.ramp_seconds and replicas == 0:
-                zero_at = t - args.ramp_seconds
-                break
-            time.sleep(1.0)
-        calls = [call for _ in workers for call in out.get()]
-        for worker in workers:
-            worker.join()
-    decisions = [line for line in log.read_text().splitlines() if "fast_gshare.autoscaler" in line]
     print("autoscaler decisions:", *decisions, sep="\n  ")
     result = _ramp_result(calls, timeline, zero_at, profile, args)
     result["decisions"] = decisions
@@ -321,7 +325,7 @@ def _integral(timeline: list[dict[str, float]], key: str, until: float) -> float
     for entry, following in itertools.pairwise(timeline):
         if entry["t"] >= until:
             break
-        if entry[key] == entry[key]:
+        if not math.isnan(entry[key]):
             last = entry[key]
         total += last * (min(following["t"], until) - entry["t"])
     return total
