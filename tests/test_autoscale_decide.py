@@ -4,6 +4,8 @@ steady, flapping, bursting and idle rates."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from faas_provider.autoscale.decide import (
@@ -150,3 +152,17 @@ def test_with_a_profile_the_setting_follows_the_rate() -> None:
     decision = scaler.decide(60.0, ready=1, current=None, desired=1)
     assert decision.stable_rps == pytest.approx(300)
     assert decision.plan.setting == Setting(25, 1.0, 4) and decision.plan.replicas == 1
+
+
+def test_a_rising_ramp_never_scales_down_while_it_rises() -> None:
+    # 50 -> 1500 req/s over 120 s, then steady: the 60 s average lags the ramp all the way up,
+    # so once a panic early in the ramp has ended the stable plan alone would ask for fewer
+    ticks = 60
+    up = [50.0 + (1500.0 - 50.0) * i / ticks for i in range(ticks)] + [1500.0] * 60
+    down = list(reversed(up)) + [50.0] * 60
+    asked = run(FunctionScaler(ScaleBounds(min_replicas=1, max_replicas=40), []), up + down)
+    rising = asked[: len(up)]
+    drops = [(i, a, b) for i, (a, b) in enumerate(itertools.pairwise(rising)) if b < a]
+    assert not drops, f"scaled down at (tick, from, to) {drops}: {rising}"
+    assert rising[-1] == 30, "1500 req/s at 50 a replica"
+    assert asked[-1] == 1, f"and down again once the load has gone: {asked[len(up) :]}"

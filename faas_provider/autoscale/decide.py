@@ -207,6 +207,15 @@ class FunctionScaler:
         if not panicking:
             self._panic_until = None
             chosen = stable_plan
+            if stable_plan.replicas < desired and panic_plan.replicas > stable_plan.replicas:
+                chosen = Plan(  # the 60 s average lags a load that is still rising
+                    desired,
+                    current,
+                    panic_plan.serves_rps,
+                    f"holding {desired} replicas: the last {PANIC_WINDOW_S:g} s "
+                    f"({panic_rate:.1f} req/s) need more than the {STABLE_WINDOW_S:g} s "
+                    f"average ({stable:.1f} req/s)",
+                )
         elif panic_plan.replicas >= desired:
             chosen = Plan(
                 panic_plan.replicas,
