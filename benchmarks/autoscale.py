@@ -29,6 +29,7 @@ Needs torch and torchvision.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import itertools
 import json
@@ -41,6 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +95,17 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results |= {"benchmark": "autoscale", "card": _card()}
+
+    def save(mode: str, result: dict[str, Any]) -> None:
+        results[mode] = result
+        results["when"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {RESULTS}", flush=True)
+
     if "start" in args.modes:
-        results["start"] = start(args)
+        save("start", start(args))
     if "ramp" in args.modes:
-        results["ramp"] = ramp(args)
-    results["when"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {RESULTS}")
+        ramp(args, lambda result: save("ramp", result))
 
 
 def start(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,8 +194,9 @@ def load_process(url: str, body: bytes, share: float, args: argparse.Namespace, 
     out.put(asyncio.run(run()))
 
 
-def ramp(args: argparse.Namespace) -> dict[str, Any]:
-    """The ramp of load against the autoscaled function, second by second."""
+def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> None:
+    """The ramp of load against the autoscaled function, second by second; saved once the
+    load has been answered, and again when it has scaled to zero and the provider stopped."""
     profile = json.loads((REPO / "benchmarks/results/profile-resnet50.json").read_text())
     function = {
         "image": "fast-gshare/resnet50:0.1.0",
@@ -220,28 +227,40 @@ def ramp(args: argparse.Namespace) -> dict[str, Any]:
             ]
             for worker in workers:
                 worker.start()
-            zero_at = None
+            calls: list[tuple[float, float, int]] = []
+            reported, result = 0, None
             while (t := time.time() - began) < args.ramp_seconds + IDLE_WAIT_S:
                 replicas, footprint = _look(base)
                 timeline.append({"t": t, "replicas": replicas, "footprint": footprint})
+                while reported < len(workers) and not out.empty():
+                    calls += out.get()
+                    reported += 1
+                if reported == len(workers) and result is None:
+                    result = _ramp_result(calls, timeline, profile, args)
+                    save(result)
                 if int(t) % 10 == 0:
                     offered = offered_rate(t, args.peak, args.ramp_seconds)
                     print(f"  {t:5.0f} s  offered {offered:6.0f} req/s  {replicas:2.0f} replicas  "
                           f"footprint {footprint:.2f}", flush=True)  # fmt: skip
-                if t > args.ramp_seconds and replicas == 0:
-                    zero_at = t - args.ramp_seconds
+                if t > args.ramp_seconds and replicas == 0 and result is not None:
+                    result["scaled_to_zero_after_s"] = t - args.ramp_seconds
                     break
                 time.sleep(1.0)
-            calls = [call for _ in workers for call in out.get()]
+            if result is None:  # the load's answers did not come within the wait
+                result = _ramp_result(
+                    [c for _ in workers for c in out.get()], timeline, profile, args
+                )
             for worker in workers:
                 worker.join()
-        decisions = [
+        result["decisions"] = [
             line for line in log.read_text().splitlines() if "fast_gshare.autoscaler" in line
         ]
-    print("autoscaler decisions:", *decisions, sep="\n  ")
-    result = _ramp_result(calls, timeline, zero_at, profile, args)
-    result["decisions"] = decisions
-    return result
+    print("autoscaler decisions:", *result["decisions"], sep="\n  ")
+    zero_at = result["scaled_to_zero_after_s"]
+    print(f"scaled to zero {zero_at:.0f} s after the load ended" if zero_at is not None
+          else "not scaled to zero in the time waited")  # fmt: skip
+    _plot(result)
+    save(result)
 
 
 def _look(base: str) -> tuple[float, float]:
@@ -273,17 +292,21 @@ def _look(base: str) -> tuple[float, float]:
 def _ramp_result(
     calls: list[tuple[float, float, int]],
     timeline: list[dict[str, float]],
-    zero_at: float | None,
     profile: dict[str, Any],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
+    """Per second of the ramp: offered, sent, answered, failed, p99; and the totals. The
+    timeline is the list being read, so later readings join it."""
     from faas_provider.autoscale.decide import ScaleBounds, plan
     from faas_provider.profile.model import Profile
 
     seconds = int(args.ramp_seconds)
+    by_second: dict[int, list[tuple[float, float, int]]] = collections.defaultdict(list)
+    for call in calls:
+        by_second[int(call[0])].append(call)
     per_second: list[dict[str, float]] = []
     for second in range(seconds):
-        sent = [c for c in calls if second <= c[0] < second + 1]
+        sent = by_second[second]
         ok = sorted(latency for _, latency, status in sent if status == 200)
         p99 = ok[min(len(ok) - 1, int(0.99 * len(ok)))] * 1000 if ok else float("nan")
         failed = len(sent) - len(ok)
@@ -303,7 +326,7 @@ def _ramp_result(
         "gpu_share_seconds": held,
         "static_for_peak_gpu_share_seconds": static,
         "static_plan": peak_plan.reason,
-        "scaled_to_zero_after_s": zero_at,
+        "scaled_to_zero_after_s": None,
         "requests": len(calls),
         "failed": sum(1 for c in calls if c[2] != 200),
         "per_second": per_second,
@@ -312,8 +335,6 @@ def _ramp_result(
     print(f"\nseconds past the first {SETTLE_S} with p99 <= 50 ms and no failure: {within:.1%}")
     print(f"GPU-share-seconds held: {held:.1f}, against {static:.1f} for a static deployment "
           f"sized for the peak ({peak_plan.reason})")  # fmt: skip
-    print(f"scaled to zero {zero_at:.0f} s after the load ended" if zero_at is not None
-          else "not scaled to zero in the time waited")  # fmt: skip
     _plot(result)
     return result
 
