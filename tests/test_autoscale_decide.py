@@ -5,11 +5,13 @@ steady, flapping, bursting and idle rates."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
 from faas_provider.autoscale.decide import (
     PANIC_WINDOW_S,
+    REPLICA_READY_S,
     STABLE_WINDOW_S,
     FunctionScaler,
     ScaleBounds,
@@ -166,3 +168,19 @@ def test_a_rising_ramp_never_scales_down_while_it_rises() -> None:
     assert not drops, f"scaled down at (tick, from, to) {drops}: {rising}"
     assert rising[-1] == 30, "1500 req/s at 50 a replica"
     assert asked[-1] == 1, f"and down again once the load has gone: {asked[len(up) :]}"
+
+
+def test_in_panic_a_rising_load_is_planned_for_when_new_replicas_are_ready() -> None:
+    # 50 -> 1500 req/s over 60 s: the 6 s average lags the load by 3 s and a replica needs
+    # REPLICA_READY_S more to start, so planning on the average leaves the replicas short
+    tick, ticks = 2.0, 30
+    up = [50.0 + (1500.0 - 50.0) * i / ticks for i in range(ticks)] + [1500.0] * 10
+    asked = run(FunctionScaler(ScaleBounds(min_replicas=1, max_replicas=40), []), up, tick)
+    panic_from = next(i for i, replicas in enumerate(asked) if replicas > 1)  # then on
+    ready_ticks = math.ceil(REPLICA_READY_S / tick)  # a replica asked at i serves from here
+    short = [
+        (i, asked[i], math.ceil(up[i + ready_ticks] / 50))
+        for i in range(panic_from + 1, len(up) - ready_ticks)
+        if asked[i] < math.ceil(up[i + ready_ticks] / 50)
+    ]
+    assert not short, f"(tick, asked, needed once ready) {short}"

@@ -8,8 +8,11 @@ target of requests per second per replica (`com.openfaas.scale.target`, default 
 
 `FunctionScaler` follows one function's rate over time as Knative's autoscaler does: a stable
 window (60 s) to follow the load without flapping, a panic window (6 s) entered when it asks for
-twice the replicas that are ready, in which it never scales down; scale to zero after the idle
-period when `com.openfaas.scale.zero` allows it. The cluster simulator runs this same code.
+twice the replicas that are ready, in which it never scales down and, while the load rises,
+plans for the rate it will have reached once a new replica is ready (the panic window's trend
+carried forward); out of panic it does not scale down while the panic window asks for more than
+the stable one. Scale to zero after the idle period when `com.openfaas.scale.zero` allows it.
+The cluster simulator runs this same code.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ TARGET_UTILISATION = 0.7  # Knative's: each replica is planned at 70% of what it
 STABLE_WINDOW_S = 60.0
 PANIC_WINDOW_S = 6.0
 PANIC_THRESHOLD = 2.0  # panic when the panic window asks for 200% of the ready replicas
+REPLICA_READY_S = 3.0  # how far ahead a rising load is carried: a new replica's start
 SETTING_CHANGE_SAVING = 0.2  # change the setting (new replicas) only to save 20% of footprint
 DEFAULT_MAX_REPLICAS = 20  # OpenFaaS's default for com.openfaas.scale.max
 DEFAULT_TARGET_RPS = 50.0  # OpenFaaS's default com.openfaas.scale.target (type rps)
@@ -185,14 +189,37 @@ class FunctionScaler:
         """Calls per second over the last `window_s` (or what history there is)."""
         if len(self._counts) < 2:
             return 0.0
-        end_time, end_count = self._counts[-1]
-        start_time, start_count = self._counts[0]
-        for time_, count in self._counts:
-            if time_ >= now - window_s:
+        return self._rate_between(self._sample_before(now - window_s), self._counts[-1])
+
+    def projected_rate(self, now: float) -> float:
+        """The panic window's rate carried along its rise to `REPLICA_READY_S` from `now`: the
+        rate of its later half plus the rise per second between its halves times the time from
+        the later half's middle; the panic window's rate itself when the load does not rise."""
+        whole = self.rate(now, PANIC_WINDOW_S)
+        first = self._sample_before(now - PANIC_WINDOW_S)
+        middle = self._sample_before(now - PANIC_WINDOW_S / 2)
+        last = self._counts[-1] if self._counts else first
+        if not first[0] < middle[0] < last[0]:
+            return whole
+        earlier, later = self._rate_between(first, middle), self._rate_between(middle, last)
+        rise_per_s = (later - earlier) / ((last[0] - first[0]) / 2)
+        if rise_per_s <= 0:
+            return whole
+        return max(whole, later + rise_per_s * (now - (middle[0] + last[0]) / 2 + REPLICA_READY_S))
+
+    def _sample_before(self, time_: float) -> tuple[float, float]:
+        """The last (time, calls) recorded at or before `time_`, or the first one."""
+        found = self._counts[0] if self._counts else (time_, 0.0)
+        for sample in self._counts:
+            if sample[0] > time_:
                 break
-            start_time, start_count = time_, count
-        span = end_time - start_time
-        return max(0.0, end_count - start_count) / span if span > 0 else 0.0
+            found = sample
+        return found
+
+    @staticmethod
+    def _rate_between(start: tuple[float, float], end: tuple[float, float]) -> float:
+        span = end[0] - start[0]
+        return max(0.0, end[1] - start[1]) / span if span > 0 else 0.0
 
     def decide(self, now: float, ready: int, current: Setting | None, desired: int) -> Decision:
         """The plan at `now`, with `ready` replicas serving, at setting `current`, `desired`
@@ -204,6 +231,14 @@ class FunctionScaler:
         if panic_plan.replicas >= PANIC_THRESHOLD * max(ready, 1) and panic_plan.replicas > ready:
             self._panic_until = now + STABLE_WINDOW_S
         panicking = self._panic_until is not None and now < self._panic_until
+        if panicking and (ahead := self.projected_rate(now)) > panic_rate:
+            panic_plan = plan(ahead, self.capacities, self.bounds, current)
+            panic_plan = Plan(
+                panic_plan.replicas,
+                panic_plan.setting,
+                panic_plan.serves_rps,
+                f"rising to {ahead:.1f} req/s in {REPLICA_READY_S:g} s: " + panic_plan.reason,
+            )
         if not panicking:
             self._panic_until = None
             chosen = stable_plan
