@@ -184,3 +184,10 @@ def test_in_panic_a_rising_load_is_planned_for_when_new_replicas_are_ready() -> 
         if asked[i] < math.ceil(up[i + ready_ticks] / 50)
     ]
     assert not short, f"(tick, asked, needed once ready) {short}"
+
+
+def test_a_step_is_not_carried_forward_as_a_ramp() -> None:
+    # 50 -> 1000 req/s at once: panic follows it, but asks for no more than 1000 req/s need
+    asked = run(FunctionScaler(ScaleBounds(min_replicas=1, max_replicas=100), []),
+                [50.0] * 40 + [1000.0] * 40)  # fmt: skip
+    assert max(asked) == 20, f"1000 req/s at 50 a replica: {asked[38:]}"

@@ -8,15 +8,16 @@ target of requests per second per replica (`com.openfaas.scale.target`, default 
 
 `FunctionScaler` follows one function's rate over time as Knative's autoscaler does: a stable
 window (60 s) to follow the load without flapping, a panic window (6 s) entered when it asks for
-twice the replicas that are ready, in which it never scales down and, while the load rises,
+twice the replicas that are ready, in which it never scales down and, while the load ramps up,
 plans for the rate it will have reached once a new replica is ready (the panic window's trend
-carried forward); out of panic it does not scale down while the panic window asks for more than
-the stable one. Scale to zero after the idle period when `com.openfaas.scale.zero` allows it.
-The cluster simulator runs this same code.
+carried forward); out of panic it does not scale down while the panic window asks for more
+than the stable one. Scale to zero after the idle period when `com.openfaas.scale.zero` allows
+it. The cluster simulator runs this same code.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -192,20 +193,26 @@ class FunctionScaler:
         return self._rate_between(self._sample_before(now - window_s), self._counts[-1])
 
     def projected_rate(self, now: float) -> float:
-        """The panic window's rate carried along its rise to `REPLICA_READY_S` from `now`: the
-        rate of its later half plus the rise per second between its halves times the time from
-        the later half's middle; the panic window's rate itself when the load does not rise."""
+        """The panic window's rate carried along its rise to `REPLICA_READY_S` from `now`.
+
+        The window is cut in thirds; when the rate rose from each third to the next (a ramp,
+        not one step, which the last third already shows whole), the last third's rate plus
+        the smaller of the two rises a second, times the time from that third's middle.
+        Otherwise the panic window's rate."""
         whole = self.rate(now, PANIC_WINDOW_S)
-        first = self._sample_before(now - PANIC_WINDOW_S)
-        middle = self._sample_before(now - PANIC_WINDOW_S / 2)
-        last = self._counts[-1] if self._counts else first
-        if not first[0] < middle[0] < last[0]:
+        cuts = [self._sample_before(now - PANIC_WINDOW_S * (3 - i) / 3) for i in range(3)]
+        cuts.append(self._counts[-1] if self._counts else cuts[-1])
+        if not all(a[0] < b[0] for a, b in itertools.pairwise(cuts)):
             return whole
-        earlier, later = self._rate_between(first, middle), self._rate_between(middle, last)
-        rise_per_s = (later - earlier) / ((last[0] - first[0]) / 2)
+        thirds = [
+            (self._rate_between(a, b), (a[0] + b[0]) / 2) for a, b in itertools.pairwise(cuts)
+        ]
+        rises = [(r2 - r1) / (t2 - t1) for (r1, t1), (r2, t2) in itertools.pairwise(thirds)]
+        rise_per_s = min(rises)
         if rise_per_s <= 0:
             return whole
-        return max(whole, later + rise_per_s * (now - (middle[0] + last[0]) / 2 + REPLICA_READY_S))
+        last_rate, last_middle = thirds[-1]
+        return max(whole, last_rate + rise_per_s * (now - last_middle + REPLICA_READY_S))
 
     def _sample_before(self, time_: float) -> tuple[float, float]:
         """The last (time, calls) recorded at or before `time_`, or the first one."""
