@@ -2,8 +2,9 @@
 
 The model loads once, at import: in fp16 and channels_last on CUDA when there is a GPU, else
 in fp32 on the CPU; weights from the state_dict file named by RESNET50_WEIGHTS (saved with
-torch.save), else from a seeded random initialisation. One image classified at import warms
-the decoders and the model.
+torch.save), else from a seeded random initialisation. At import it decodes and classifies a
+batch of every size the runtime may hand it (1 to `max_batch_size`, default 8), which warms the
+decoders and the model for each.
 Request: a JPEG or PNG image as the body; response: `{"top5": [{"class": index, "label": name,
 "probability": p}, ...]}`, most probable first, or 400 with `{"error": what to fix}`.
 On a GPU, JPEGs are decoded there (nvJPEG, a batch at once) and every image is resized
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from typing import Any
 
 import torch
@@ -154,8 +156,20 @@ def classify(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
     ]
 
 
+def warm_up(largest_batch: int) -> None:
+    """Decode and classify a batch of every size up to `largest_batch`, so that no request
+    pays for a batch size's first run (kernel loading, algorithm choice) under load."""
+    began = time.monotonic()
+    body = encode_jpeg(torch.zeros(3, CROP, CROP, dtype=torch.uint8)).numpy().tobytes()
+    for size in range(1, largest_batch + 1):
+        images = decode([body] * size)
+        classify(prepare([image for image in images if isinstance(image, torch.Tensor)]))
+    print(f"resnet50: warmed up batches of 1 to {largest_batch} images in "
+          f"{time.monotonic() - began:.2f} s", file=sys.stderr, flush=True)  # fmt: skip
+
+
 MODEL = load_model(os.environ.get("RESNET50_WEIGHTS"))
-classify(preprocess(encode_jpeg(torch.zeros(3, CROP, CROP, dtype=torch.uint8)).numpy().tobytes()))
+warm_up(int(os.environ.get("max_batch_size") or 8))  # the runtime's largest batch
 
 
 def handle_batch(events: list[Any], context: Any) -> list[dict[str, Any]]:
