@@ -19,8 +19,9 @@ open-loop Poisson load of one JPEG a request from --processes processes, 50 req/
 --peak, held, and falling back to 50 over --ramp-seconds, then none. Per second: the rate
 offered and answered, the p99 of the requests sent in it, the replicas and the GPU footprint
 the autoscaler planned. Reported: the share of seconds past the ramp's first 10 whose p99 was
-within the target, the GPU-share-seconds held against a deployment sized for the peak, and
-when it scaled to zero.
+within the target, the GPU-share-seconds held against a deployment sized for the peak, when
+it scaled to zero, each failed request (its second, its status; 0 for no answer), and the
+autoscaler's decisions and the provider's warnings from its log.
 
 Prints tables, writes benchmarks/results/autoscale.json (and autoscale.png for the ramp).
 Needs torch and torchvision.
@@ -252,8 +253,10 @@ def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> No
                 )
             for worker in workers:
                 worker.join()
-        result["decisions"] = [
-            line for line in log.read_text().splitlines() if "fast_gshare.autoscaler" in line
+        lines = log.read_text().splitlines()
+        result["decisions"] = [line for line in lines if "fast_gshare.autoscaler" in line]
+        result["provider_warnings"] = [
+            line for line in lines if " WARNING " in line or " ERROR " in line
         ]
     print("autoscaler decisions:", *result["decisions"], sep="\n  ")
     zero_at = result["scaled_to_zero_after_s"]
@@ -329,6 +332,9 @@ def _ramp_result(
         "scaled_to_zero_after_s": None,
         "requests": len(calls),
         "failed": sum(1 for c in calls if c[2] != 200),
+        "failures": [{"sent_s": round(c[0], 3), "status": c[2]} for c in calls if c[2] != 200][
+            :100
+        ],
         "per_second": per_second,
         "timeline": timeline,
     }
