@@ -10,8 +10,8 @@ import math
 import pytest
 
 from faas_provider.autoscale.decide import (
+    LEAD_S,
     PANIC_WINDOW_S,
-    REPLICA_READY_S,
     STABLE_WINDOW_S,
     FunctionScaler,
     ScaleBounds,
@@ -171,13 +171,14 @@ def test_a_rising_ramp_never_scales_down_while_it_rises() -> None:
 
 
 def test_in_panic_a_rising_load_is_planned_for_when_new_replicas_are_ready() -> None:
-    # 50 -> 1500 req/s over 60 s: the 6 s average lags the load by 3 s and a replica needs
-    # REPLICA_READY_S more to start, so planning on the average leaves the replicas short
+    # 50 -> 1500 req/s over 60 s: the 6 s average lags the load by 3 s, and what is asked now
+    # must serve until the next tick's replicas have started (LEAD_S), so planning on the
+    # average leaves the replicas short
     tick, ticks = 2.0, 30
     up = [50.0 + (1500.0 - 50.0) * i / ticks for i in range(ticks)] + [1500.0] * 10
     asked = run(FunctionScaler(ScaleBounds(min_replicas=1, max_replicas=40), []), up, tick)
     panic_from = next(i for i, replicas in enumerate(asked) if replicas > 1)  # then on
-    ready_ticks = math.ceil(REPLICA_READY_S / tick)  # a replica asked at i serves from here
+    ready_ticks = math.ceil(LEAD_S / tick)  # asked at tick i, it serves until i + ready_ticks
     short = [
         (i, asked[i], math.ceil(up[i + ready_ticks] / 50))
         for i in range(panic_from + 1, len(up) - ready_ticks)

@@ -36,7 +36,7 @@ TARGET_UTILISATION = 0.7  # Knative's: each replica is planned at 70% of what it
 STABLE_WINDOW_S = 60.0
 PANIC_WINDOW_S = 6.0
 PANIC_THRESHOLD = 2.0  # panic when the panic window asks for 200% of the ready replicas
-REPLICA_READY_S = 3.0  # how far ahead a rising load is carried: a new replica's start
+LEAD_S = 5.0  # how far ahead a rising load is carried: a replica's start (3 s) and a tick (2 s)
 SETTING_CHANGE_SAVING = 0.2  # change the setting (new replicas) only to save 20% of footprint
 DEFAULT_MAX_REPLICAS = 20  # OpenFaaS's default for com.openfaas.scale.max
 DEFAULT_TARGET_RPS = 50.0  # OpenFaaS's default com.openfaas.scale.target (type rps)
@@ -193,7 +193,7 @@ class FunctionScaler:
         return self._rate_between(self._sample_before(now - window_s), self._counts[-1])
 
     def projected_rate(self, now: float) -> float:
-        """The panic window's rate carried along its rise to `REPLICA_READY_S` from `now`.
+        """The panic window's rate carried along its rise to `LEAD_S` from `now`.
 
         The window is cut in thirds; when the rate rose from each third to the next (a ramp,
         not one step, which the last third already shows whole), the last third's rate plus
@@ -212,7 +212,7 @@ class FunctionScaler:
         if rise_per_s <= 0:
             return whole
         last_rate, last_middle = thirds[-1]
-        return max(whole, last_rate + rise_per_s * (now - last_middle + REPLICA_READY_S))
+        return max(whole, last_rate + rise_per_s * (now - last_middle + LEAD_S))
 
     def _sample_before(self, time_: float) -> tuple[float, float]:
         """The last (time, calls) recorded at or before `time_`, or the first one."""
@@ -244,7 +244,7 @@ class FunctionScaler:
                 panic_plan.replicas,
                 panic_plan.setting,
                 panic_plan.serves_rps,
-                f"rising to {ahead:.1f} req/s in {REPLICA_READY_S:g} s: " + panic_plan.reason,
+                f"rising to {ahead:.1f} req/s in {LEAD_S:g} s: " + panic_plan.reason,
             )
         if not panicking:
             self._panic_until = None
