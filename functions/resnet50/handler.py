@@ -2,9 +2,9 @@
 
 The model loads once, at import: in fp16 and channels_last on CUDA when there is a GPU, else
 in fp32 on the CPU; weights from the state_dict file named by RESNET50_WEIGHTS (saved with
-torch.save), else from a seeded random initialisation. At import it decodes and classifies a
-batch of every size the runtime may hand it (1 to `max_batch_size`, default 8), which warms the
-decoders and the model for each.
+torch.save), else from a seeded random initialisation. A batch of images runs padded to the
+next power of two up to the runtime's `max_batch_size` (default 8: 1, 2, 4, 8), and at import
+one batch of each size is decoded and classified, which warms the decoders and the model.
 Request: a JPEG or PNG image as the body; response: `{"top5": [{"class": index, "label": name,
 "probability": p}, ...]}`, most probable first, or 400 with `{"error": what to fix}`.
 On a GPU, JPEGs are decoded there (nvJPEG, a batch at once) and every image is resized
@@ -42,6 +42,7 @@ SOURCE_PREFIX = re.compile(r"^[^,]*, \S+:\d+, ")
 SEND = "send the bytes of a JPEG or PNG image as the body"
 
 BATCH = int(os.environ.get("RESNET50_BATCH", "1"))
+LARGEST_BATCH = int(os.environ.get("max_batch_size") or 8)  # the runtime's largest batch
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
 
@@ -121,12 +122,23 @@ def decode(bodies: list[bytes]) -> list[torch.Tensor | ValueError]:
     return [decoded[position] for position in range(len(bodies))]
 
 
+def batch_sizes(largest: int) -> list[int]:
+    """The batch sizes the model runs: the powers of two below `largest`, and `largest`."""
+    return [1 << power for power in range(largest.bit_length()) if 1 << power < largest] + [largest]
+
+
+SIZES = batch_sizes(LARGEST_BATCH)
+
+
 def prepare(images: list[torch.Tensor]) -> torch.Tensor:
     """Decoded images as one batch for the model: each resized (shorter side 256) and
-    center-cropped to 224 x 224, normalised, BATCH copies of each, DTYPE, channels_last."""
+    center-cropped to 224 x 224, normalised, padded with copies of the last one to the next of
+    SIZES (few shapes to warm up), BATCH copies of each, DTYPE, channels_last."""
     crops = [
         tf.center_crop(tf.resize(image, [RESIZE], antialias=True), [CROP, CROP]) for image in images
     ]
+    padding = next((size for size in SIZES if size >= len(crops)), len(crops)) - len(crops)
+    crops += crops[-1:] * padding
     batch = tf.normalize(tf.to_dtype(torch.stack(crops), torch.float32, scale=True), MEAN, STD)
     batch = batch.repeat_interleave(BATCH, dim=0).to(DTYPE)
     return batch.contiguous(memory_format=torch.channels_last)
@@ -142,8 +154,8 @@ def preprocess(body: bytes) -> torch.Tensor:
 
 
 def classify(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
-    """The TOP_K most probable ImageNet classes of every BATCH-th image in `batch` (one list
-    per image given to `prepare`)."""
+    """The TOP_K most probable ImageNet classes of every BATCH-th image in `batch`: one list
+    per image given to `prepare`, in order, then one per padding copy."""
     with torch.inference_mode():
         probabilities = MODEL(batch)[::BATCH].float().softmax(dim=1)
         top = probabilities.topk(TOP_K, dim=1)
@@ -156,20 +168,21 @@ def classify(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
     ]
 
 
-def warm_up(largest_batch: int) -> None:
-    """Decode and classify a batch of every size up to `largest_batch`, so that no request
-    pays for a batch size's first run (kernel loading, algorithm choice) under load."""
+def warm_up() -> None:
+    """Decode and classify a batch of each of SIZES, so that no request pays for a batch
+    size's first run (kernel loading, algorithm choice: about 0.1 s each) under load."""
     began = time.monotonic()
     body = encode_jpeg(torch.zeros(3, CROP, CROP, dtype=torch.uint8)).numpy().tobytes()
-    for size in range(1, largest_batch + 1):
+    for size in SIZES:
         images = decode([body] * size)
         classify(prepare([image for image in images if isinstance(image, torch.Tensor)]))
-    print(f"resnet50: warmed up batches of 1 to {largest_batch} images in "
-          f"{time.monotonic() - began:.2f} s", file=sys.stderr, flush=True)  # fmt: skip
+    sizes = ", ".join(map(str, SIZES))
+    print(f"resnet50: warmed up batches of {sizes} images in {time.monotonic() - began:.2f} s",
+          file=sys.stderr, flush=True)  # fmt: skip
 
 
 MODEL = load_model(os.environ.get("RESNET50_WEIGHTS"))
-warm_up(int(os.environ.get("max_batch_size") or 8))  # the runtime's largest batch
+warm_up()
 
 
 def handle_batch(events: list[Any], context: Any) -> list[dict[str, Any]]:
@@ -182,7 +195,7 @@ def handle_batch(events: list[Any], context: Any) -> list[dict[str, Any]]:
     ]
     good = [position for position, image in enumerate(images) if not isinstance(image, ValueError)]
     if good:
-        top5s = classify(prepare([images[position] for position in good]))
+        top5s = classify(prepare([images[position] for position in good]))[: len(good)]
         for position, top5 in zip(good, top5s, strict=True):
             answers[position] = {"statusCode": 200, "body": {"top5": top5}}
     return answers
