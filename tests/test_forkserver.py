@@ -202,3 +202,15 @@ async def test_preloads_are_logged_and_a_missing_one_is_skipped(
     assert any("did not preload no_such_library: ModuleNotFoundError" in line for line in said), (
         said
     )
+
+
+async def test_a_child_that_runs_when_the_server_is_closed_is_still_seen_to_end(
+    forks: ForkServer, tmp_path: Path
+) -> None:
+    """Its owner stops it after the close (a replica whose stop began first): it learns of
+    the end from /proc."""
+    child, _, _ = await run(forks, tmp_path, "--wait")
+    await forks.close()
+    assert proc(child.pid) is not None
+    os.kill(child.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(child.wait(), 5) == EXIT_UNKNOWN

@@ -5,13 +5,19 @@ answers alike)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 from datetime import datetime
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import ECHO, STEER, faas_cli_deploy, wait_available
+from faas_provider.api.app import create_app
+from faas_provider.backends.local import replica as replica_module
+from faas_provider.settings import Settings
+from tests.conftest import ECHO, STEER, faas_cli_deploy, local_backend, wait_available
 
 
 async def test_handler_image_resolution_names_what_was_looked_for(client: TestClient) -> None:
@@ -67,3 +73,40 @@ async def test_update_replaces_replicas_only_when_the_spec_changes(client: TestC
     assert body["env"] == "hello" and body["pid"] != before["pid"]
     status = await (await client.get("/system/function/steer")).json()
     assert datetime.fromisoformat(status["createdAt"]) <= datetime.now().astimezone()
+
+
+async def test_a_provider_stop_during_a_scale_down_stops_every_replica_promptly(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replica that the scale-down stops is slow to go (a call in flight, past the grace
+    period): it is not health-checked meanwhile, and the provider's stop waits for it before
+    it closes the fork server, which then has no child left. (Its own client: a stop that
+    hangs is not tried again at teardown.)"""
+    monkeypatch.setattr(replica_module, "HEALTH_INTERVAL_S", 0.1)
+    monkeypatch.setattr(replica_module, "RECHECK_S", 0.1)
+    monkeypatch.setattr(replica_module, "STOP_GRACE_S", 1.0)
+    caplog.set_level(logging.INFO, logger="fast_gshare")
+    client = TestClient(TestServer(create_app(local_backend(settings), settings)))
+    await client.start_server()
+    assert await faas_cli_deploy(client, STEER) == 202
+    await wait_available(client, "steer")
+    pid = (await (await client.post("/function/steer", data="")).json())["pid"]
+    [url] = (await (await client.get("/system/endpoints/steer")).json())["urls"]
+    async with aiohttp.ClientSession() as session:
+        busy = asyncio.create_task(session.post(url, data="sleep 30"))
+        await asyncio.sleep(0.3)
+        await client.post("/system/scale-function/steer", json={"replicas": 0})
+        await asyncio.sleep(0.5)  # its port is closed: checks would fail now
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with asyncio.timeout(10):
+            await client.close()
+        took = loop.time() - began
+        with contextlib.suppress(aiohttp.ClientError):
+            await busy
+    assert took < 3, f"the provider took {took:.1f} s to stop"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "replica steer-0 stopped" in caplog.text
+    assert "health check" not in caplog.text
+    assert "from /proc" not in caplog.text

@@ -169,15 +169,18 @@ class LocalBackend:
             log.info("restored %d function(s) from %s", len(self._functions), self._state_dir)
 
     async def close(self) -> None:
-        """Stop all replicas; desired counts stay on disk for the next start."""
-        for function in self._functions.values():
+        """Stop all replicas, those that a scale-down or a rollout is stopping too, before the
+        fork server they came from; desired counts stay on disk for the next start."""
+        functions = list(self._functions.values())
+        self._functions.clear()  # the room that the stops free starts no pending replica
+        for function in functions:
             if function.rollout is not None:
                 function.rollout.cancel()
-            await asyncio.gather(*(r.stop() for r in function.replicas + function.retiring))
+        replicas = [r for function in functions for r in function.replicas + function.retiring]
+        await asyncio.gather(*(replica.stop() for replica in replicas))
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._forks is not None:
             await self._forks.close()
-        self._functions.clear()
-        await asyncio.gather(*self._background, return_exceptions=True)
         await self._node.close()
         await self._http.close()
         self._store.release()
@@ -554,7 +557,8 @@ class LocalBackend:
             ROLLOUT_TIMEOUT_S,
         )
         retiring, function.retiring = function.retiring, []
-        await asyncio.gather(*(self._stop_replica(function, r) for r in retiring))
+        for replica in retiring:  # owned by the backend: a new rollout does not cut them short
+            self._in_background(self._stop_replica(function, replica))
 
     async def _wait_ready(self, function: LocalFunction) -> list[Replica]:
         deployment = function.deployment

@@ -112,7 +112,8 @@ class ForkServer:
         self._ids = itertools.count()
         self._fifos: Path | None = None  # made by the first start, removed by close
         self._early_exits: dict[int, int] = {}  # exits reported before their spawn returned
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._relays: set[asyncio.Task[None]] = set()  # of the servers' stderr
+        self._watches: set[asyncio.Task[None]] = set()  # of children a dead server left
         self._reader: asyncio.Task[None] | None = None
         self._preloaded = asyncio.Event()
         self._starting: asyncio.Task[None] | None = None
@@ -141,7 +142,7 @@ class ForkServer:
         ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[-1] = ready
         self._reader = asyncio.create_task(self._read_replies(process))
-        self._background(self._relay_stderr(process))
+        self._background(self._relay_stderr(process), self._relays)
         try:
             said = await asyncio.wait_for(ready, READY_TIMEOUT_S)
         except (TimeoutError, OSError) as error:
@@ -198,7 +199,8 @@ class ForkServer:
         return child
 
     async def close(self) -> None:
-        """Stop the server (its children, the replicas, are stopped by their owners)."""
+        """Stop the server. Its children, the replicas, are stopped by their owners: one that
+        still runs is watched from /proc until it ends, so that its owner learns of the end."""
         process = self._process
         if process is not None and process.returncode is None:
             assert process.stdin is not None
@@ -208,7 +210,9 @@ class ForkServer:
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        for task in (*self._tasks, *filter(None, [self._reader])):
+        if self._reader is not None:  # it ends with the server, handing its children to /proc
+            await asyncio.wait([self._reader])
+        for task in self._relays:
             task.cancel()
         if self._fifos is not None:
             with contextlib.suppress(OSError):
@@ -263,7 +267,7 @@ class ForkServer:
                 len(orphans),
             )
         for child in orphans:
-            self._background(self._watch_orphan(child))
+            self._background(self._watch_orphan(child), self._watches)
 
     async def _watch_orphan(self, child: ForkedProcess) -> None:
         # not our child, so there is nothing to wait on: /proc tells, zombies included
@@ -277,10 +281,10 @@ class ForkServer:
         while line := await process.stderr.readline():
             log.warning("fork server: %s", line.decode(errors="replace").rstrip())
 
-    def _background(self, work: Any) -> None:
+    def _background(self, work: Any, tasks: set[asyncio.Task[None]]) -> None:
         task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
 
 async def _stream_reader(fd: int) -> asyncio.StreamReader:

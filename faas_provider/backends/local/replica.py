@@ -270,11 +270,15 @@ class Replica:
 
     async def _watch_health(self) -> None:
         """Mark the replica ready when /_/health answers 200; keep checking while it runs, and
-        restart it once it has failed FAILED_CHECKS_TO_RESTART checks in a row."""
+        restart it once it has failed FAILED_CHECKS_TO_RESTART checks in a row. The checks end
+        once its processes are being ended (a stop, a recycle): a process told to go closes
+        its port, which is no failure."""
         first = True
         failures = 0
-        while True:
+        while not self._ending_processes():
             failure = await self._check_health()
+            if self._ending_processes():
+                return
             self._set_healthy(failure is None)
             if failure is None:
                 if first:
@@ -319,6 +323,11 @@ class Replica:
         if response.status == 200:
             return None
         return f"{response.status} {said[:200]}".rstrip()
+
+    def _ending_processes(self) -> bool:
+        """Whether the replica is being stopped or recycled, or its processes are being ended."""
+        ending = self._ending is not None and not self._ending.done()
+        return self._stopping or self._recycled or ending
 
     async def _terminate(self) -> None:
         """End the processes (one ending at a time: callers that come meanwhile wait for it)."""
