@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,13 +74,13 @@ def _invocations(port: int) -> float:
     return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
 
 
-def _wait_ready(port: int, name: str) -> None:
+def _wait_ready(port: int, name: str, replicas: int = 1) -> None:
     for _ in range(200):
         status, body = _call(port, f"/system/function/{name}")
-        if status == 200 and json.loads(body)["availableReplicas"] > 0:
+        if status == 200 and json.loads(body)["availableReplicas"] >= replicas:
             return
         time.sleep(0.1)
-    raise AssertionError(f"{name} never became ready")
+    raise AssertionError(f"{name} never had {replicas} replica(s) ready")
 
 
 def test_up_serves_the_stack_and_a_restart_keeps_it(tmp_path: Path) -> None:
@@ -159,6 +160,41 @@ def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) ->
     assert process.returncode == 0
     control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{process.pid}.sock"
     assert not control_socket.exists(), "a stopped provider leaves no socket behind"
+
+
+def test_scale_downs_under_load_through_workers_lose_no_request(tmp_path: Path) -> None:
+    # a worker keeps the endpoint lists it got for a second: a replica that a scale-down stops
+    # must still answer what the workers send it meanwhile
+    with provider(tmp_path, "--workers", "2") as (_, port):
+        _wait_ready(port, "echo")
+        assert _call(port, "/system/scale-function/echo", b'{"replicas": 3}', "POST")[0] == 202
+        _wait_ready(port, "echo", 3)
+        done = threading.Event()
+        answers: list[tuple[int, str]] = []
+
+        def load() -> None:
+            while not done.is_set():
+                answers.append(_call(port, "/function/echo", b"x", "POST"))
+
+        callers = [threading.Thread(target=load) for _ in range(8)]
+        for caller in callers:
+            caller.start()
+        try:
+            for _ in range(3):
+                assert (
+                    _call(port, "/system/scale-function/echo", b'{"replicas": 1}', "POST")[0] == 202
+                )
+                time.sleep(2.0)
+                assert (
+                    _call(port, "/system/scale-function/echo", b'{"replicas": 3}', "POST")[0] == 202
+                )
+                _wait_ready(port, "echo", 3)
+        finally:
+            done.set()
+            for caller in callers:
+                caller.join()
+    failed = [answer for answer in answers if answer != (200, "x")]
+    assert len(answers) > 100 and not failed, f"{len(failed)} of {len(answers)}: {failed[:3]}"
 
 
 def test_help_lists_only_user_commands_and_version_prints() -> None:

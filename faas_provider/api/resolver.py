@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 EndpointSource = Callable[[str, str], Awaitable[list[str]]]
+ENDPOINT_TTL_S = 1.0  # how long an extra worker keeps the endpoint lists it was given
 
 
 class Resolver:

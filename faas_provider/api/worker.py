@@ -28,7 +28,7 @@ from faas_provider.api import proxy
 from faas_provider.api.keys import METRICS, RESOLVER, SETTINGS, UPSTREAM
 from faas_provider.api.limits import BodyTooLarge, system_limit
 from faas_provider.api.middleware import basic_auth
-from faas_provider.api.resolver import EndpointSource, Resolver
+from faas_provider.api.resolver import ENDPOINT_TTL_S, EndpointSource, Resolver
 from faas_provider.errors import NotFound, Unavailable
 from faas_provider.forwarding import bad_gateway, forward
 from faas_provider.metrics import REPORT_INTERVAL_S, ProviderMetrics
@@ -37,8 +37,6 @@ from faas_provider.settings import Settings, read_basic_auth
 from faas_provider.upstream import UpstreamError, UpstreamPool, parse_base_url
 
 log = logging.getLogger("fast_gshare.worker")
-
-ENDPOINT_TTL_S = 1.0
 
 
 def create_worker_app(settings: Settings, control_socket: Path) -> web.Application:

@@ -26,6 +26,7 @@ from faas_provider.backends.local.launch import launch_spec, on_gpu, python_envi
 from faas_provider.backends.local.logs import LogStore
 from faas_provider.backends.local.replica import (
     HEALTH_TIMEOUT_S,
+    WITHDRAW_S,
     ChildProcess,
     Replica,
     exec_process,
@@ -495,8 +496,9 @@ class LocalBackend:
             function.pending_reason = None
 
     async def _stop_replica(self, function: LocalFunction, replica: Replica) -> None:
-        """Stop a replica for good, free its GPU room and start what was waiting for it."""
-        await replica.stop()
+        """Withdraw a replica from service, stop it for good once no caller can still be sent
+        to it, free its GPU room and start what was waiting for it."""
+        await replica.stop(WITHDRAW_S)
         function.restarts.update(replica.restarts)
         # by key, not by the function's current share: an update may have dropped the GPU
         if self._placer.release(_placement_key(function.deployment, replica.instance)):

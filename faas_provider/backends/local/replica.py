@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from multidict import CIMultiDict
 
+from faas_provider.api.resolver import ENDPOINT_TTL_S
 from faas_provider.backends.local.launch import LaunchSpec
 from faas_provider.upstream import UpstreamError, UpstreamPool
 
@@ -38,6 +39,9 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 30.0
 STOP_GRACE_S = 5.0
+# a replica taken out of the endpoint lists serves this long more before it is ended: the
+# provider's workers may still hand out its address that long
+WITHDRAW_S = ENDPOINT_TTL_S + 0.5
 _READ_BLOCK = 64 * 1024
 
 _LAST_LINE_WAIT_S = 1.0
@@ -131,10 +135,14 @@ class Replica:
         """Start supervising: run the process, restart it when it exits, until `stop`."""
         self._task = asyncio.create_task(self._supervise(), name=f"replica {self.instance}")
 
-    async def stop(self) -> None:
-        """Stop the processes (SIGTERM to their groups, SIGKILL after a grace period) for good."""
+    async def stop(self, withdraw_s: float = 0.0) -> None:
+        """Take the replica out of service, and `withdraw_s` later stop its processes (SIGTERM
+        to their groups, SIGKILL after a grace period) for good; meanwhile it answers what was
+        sent to it from endpoint lists read before."""
         self._stopping = True
         self._set_healthy(False)
+        if withdraw_s > 0:
+            await asyncio.sleep(withdraw_s)
         await self._terminate()
         if self._task is not None:
             self._task.cancel()
