@@ -46,7 +46,13 @@ async def test_scale_to_zero_stops_the_replica_process(client: TestClient) -> No
     pid = (await (await client.post("/function/steer", data="")).json())["pid"]
     await client.post("/system/scale-function/steer", json={"replicas": 0})
     await wait_available(client, "steer", 0)
-    await asyncio.sleep(0.2)
+    # withdrawn from service at once, it is stopped once no worker can still send to it
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.1)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
