@@ -16,9 +16,10 @@ already); each one creates its CUDA context, loads the model and warms it up.
 ramp: the function with a 50 ms p99 target, its H200 profile (benchmarks/results/
 profile-resnet50.json), `com.openfaas.scale.max` 20 and scale to zero after 30 idle seconds;
 open-loop Poisson load of one JPEG a request from --processes processes, 50 req/s rising to
---peak, held, and falling back to 50 over --ramp-seconds, then none. Per second: the rate
-offered and answered, the p99 of the requests sent in it, the replicas and the GPU footprint
-the autoscaler planned. Reported: the share of seconds past the ramp's first 10 whose p99 was
+--peak, held, and falling back to 50 over --ramp-seconds, then none; arrivals keep their own
+clock and each request is timed from its scheduled arrival. Per second: the rate offered and
+answered, the p99 of the requests sent in it, the replicas and the GPU footprint the
+autoscaler planned. Reported: the share of seconds past the ramp's first 10 whose p99 was
 within the target, the GPU-share-seconds held against a deployment sized for the peak, when
 it scaled to zero, each failed request (its second, its status; 0 for no answer), and the
 autoscaler's decisions and the provider's warnings from its log.
@@ -183,10 +184,12 @@ def load_process(url: str, body: bytes, share: float, args: argparse.Namespace, 
                 done.append((sent - began, time.time() - sent, status))
 
             tasks = set()
-            while (t := time.time() - began) < args.ramp_seconds:
+            arrival = time.time()  # arrivals on their own clock: a late wake-up is not lag
+            while (t := arrival - began) < args.ramp_seconds:
                 rate = offered_rate(t, args.peak, args.ramp_seconds) * share
-                await asyncio.sleep(rng.expovariate(rate))
-                task = asyncio.create_task(call(time.time()))
+                arrival += rng.expovariate(rate)
+                await asyncio.sleep(max(0.0, arrival - time.time()))
+                task = asyncio.create_task(call(arrival))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
