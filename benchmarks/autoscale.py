@@ -158,16 +158,20 @@ def offered_rate(t: float, peak: float, seconds: float) -> float:
     return 0.0
 
 
+Call = tuple[float, float, int, float]  # sent (s into the ramp), latency s, status, replica's s
+
+
 def load_process(url: str, body: bytes, share: float, args: argparse.Namespace, began: float,
-                 out: multiprocessing.Queue[list[tuple[float, float, int]]]) -> None:  # fmt: skip
-    """Open-loop Poisson arrivals at `share` of the ramp's rate: (sent, latency, status)."""
+                 out: multiprocessing.Queue[list[Call]]) -> None:  # fmt: skip
+    """Open-loop Poisson arrivals at `share` of the ramp's rate: (sent, latency, status, the
+    replica's own time from its X-Duration-Seconds, NaN without one)."""
     import asyncio
     import random
 
     import aiohttp
 
-    async def run() -> list[tuple[float, float, int]]:
-        done: list[tuple[float, float, int]] = []
+    async def run() -> list[Call]:
+        done: list[Call] = []
         rng = random.Random(os.getpid())
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(
@@ -175,13 +179,15 @@ def load_process(url: str, body: bytes, share: float, args: argparse.Namespace, 
         ) as session:
 
             async def call(sent: float) -> None:
+                replica_s = float("nan")
                 try:
                     async with session.post(url, data=body) as answer:
                         await answer.read()
                         status = answer.status
+                        replica_s = float(answer.headers.get("X-Duration-Seconds", "nan"))
                 except (aiohttp.ClientError, TimeoutError):
                     status = 0
-                done.append((sent - began, time.time() - sent, status))
+                done.append((sent - began, time.time() - sent, status, replica_s))
 
             tasks = set()
             arrival = time.time()  # arrivals on their own clock: a late wake-up is not lag
@@ -220,7 +226,7 @@ def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> No
             with urllib.request.urlopen(request, timeout=10):
                 pass
             began = time.time()
-            out: multiprocessing.Queue[list[tuple[float, float, int]]] = multiprocessing.Queue()
+            out: multiprocessing.Queue[list[Call]] = multiprocessing.Queue()
             workers = [
                 multiprocessing.Process(
                     target=load_process,
@@ -231,11 +237,11 @@ def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> No
             ]
             for worker in workers:
                 worker.start()
-            calls: list[tuple[float, float, int]] = []
+            calls: list[Call] = []
             reported, result = 0, None
             while (t := time.time() - began) < args.ramp_seconds + IDLE_WAIT_S:
-                replicas, footprint = _look(base)
-                timeline.append({"t": t, "replicas": replicas, "footprint": footprint})
+                timeline.append({"t": t} | _look(base))
+                replicas, footprint = timeline[-1]["replicas"], timeline[-1]["footprint"]
                 while reported < len(workers) and not out.empty():
                     calls += out.get()
                     reported += 1
@@ -269,9 +275,18 @@ def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> No
     save(result)
 
 
-def _look(base: str) -> tuple[float, float]:
-    """The function's replicas and the footprint the autoscaler planned, from /metrics; NaN
-    when /metrics did not answer within 5 s."""
+LOOKED = {  # what the timeline keeps from /metrics: sample name -> key, summed over GPUs
+    "fast_gshare_autoscaler_footprint_ratio": "footprint",
+    "fast_gshare_gate_wait_seconds_total": "gate_wait_s",
+    "fast_gshare_gate_grants_total": "gate_grants",
+    "fast_gshare_function_queued_requests": "gate_queued",
+}
+
+
+def _look(base: str) -> dict[str, float]:
+    """From /metrics: the function's desired replicas, the footprint the autoscaler planned,
+    its gates' wait and grants so far and the requests queued at them; NaN each when /metrics
+    did not answer within 5 s."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -279,46 +294,48 @@ def _look(base: str) -> tuple[float, float]:
             text = answer.read().decode()
     except (urllib.error.URLError, TimeoutError) as error:
         print(f"  /metrics did not answer: {error}", flush=True)
-        return float("nan"), float("nan")
-    replicas = footprint = 0.0
+        return dict.fromkeys(["replicas", *LOOKED.values()], float("nan"))
+    seen = dict.fromkeys(["replicas", *LOOKED.values()], 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.labels.get("function_name") != "resnet50.openfaas-fn":
                 continue
-            if (
+            if sample.name in LOOKED:
+                seen[LOOKED[sample.name]] += sample.value
+            elif (
                 sample.name == "fast_gshare_function_replicas"
                 and sample.labels["state"] == "desired"
             ):
-                replicas = sample.value
-            elif sample.name == "fast_gshare_autoscaler_footprint_ratio":
-                footprint = sample.value
-    return replicas, footprint
+                seen["replicas"] = sample.value
+    return seen
 
 
 def _ramp_result(
-    calls: list[tuple[float, float, int]],
+    calls: list[Call],
     timeline: list[dict[str, float]],
     profile: dict[str, Any],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Per second of the ramp: offered, sent, answered, failed, p99; and the totals. The
-    timeline is the list being read, so later readings join it."""
+    """Per second of the ramp: offered, sent, answered, failed, p99 end to end and of the
+    replica's own time; and the totals. The timeline is the list being read, so later readings
+    join it."""
     from faas_provider.autoscale.decide import ScaleBounds, plan
     from faas_provider.profile.model import Profile
 
     seconds = int(args.ramp_seconds)
-    by_second: dict[int, list[tuple[float, float, int]]] = collections.defaultdict(list)
+    by_second: dict[int, list[Call]] = collections.defaultdict(list)
     for call in calls:
         by_second[int(call[0])].append(call)
     per_second: list[dict[str, float]] = []
     for second in range(seconds):
         sent = by_second[second]
-        ok = sorted(latency for _, latency, status in sent if status == 200)
-        p99 = ok[min(len(ok) - 1, int(0.99 * len(ok)))] * 1000 if ok else float("nan")
+        ok = [call for call in sent if call[2] == 200]
         failed = len(sent) - len(ok)
         offered = offered_rate(second + 0.5, args.peak, seconds)
         per_second.append({"second": second, "offered": offered, "sent": len(sent),
-                           "answered": len(ok), "failed": failed, "p99_ms": p99})  # fmt: skip
+                           "answered": len(ok), "failed": failed,
+                           "p99_ms": _p99_ms([call[1] for call in ok]),
+                           "replica_p99_ms": _p99_ms([call[3] for call in ok])})  # fmt: skip
     judged = [s for s in per_second if s["second"] >= SETTLE_S]
     within = sum(1 for s in judged if s["p99_ms"] <= 50 and not s["failed"]) / len(judged)
     held = _integral(timeline, "footprint", seconds)
@@ -346,6 +363,24 @@ def _ramp_result(
           f"sized for the peak ({peak_plan.reason})")  # fmt: skip
     _plot(result)
     return result
+
+
+def _p99_ms(seconds: list[float]) -> float:
+    """The 99th percentile of `seconds` (NaNs left out), in ms; NaN for none."""
+    known = sorted(s for s in seconds if not math.isnan(s))
+    return known[min(len(known) - 1, int(0.99 * len(known)))] * 1000 if known else float("nan")
+
+
+def _gate_waits(timeline: list[dict[str, float]]) -> list[tuple[float, float]]:
+    """(time, mean ms a token took) between consecutive readings that granted any."""
+    waits = []
+    for before, after in itertools.pairwise(timeline):
+        grants = after["gate_grants"] - before["gate_grants"]
+        if grants > 0:
+            waits.append(
+                (after["t"], (after["gate_wait_s"] - before["gate_wait_s"]) / grants * 1e3)
+            )
+    return waits
 
 
 def _integral(timeline: list[dict[str, float]], key: str, until: float) -> float:
@@ -376,9 +411,15 @@ def _plot(result: dict[str, Any]) -> None:
     load.plot(seconds, [s["answered"] for s in result["per_second"]], label="answered")
     load.set_ylabel("req/s")
     load.legend()
-    latency.plot(seconds, [s["p99_ms"] for s in result["per_second"]], color="tab:red")
+    latency.plot(seconds, [s["p99_ms"] for s in result["per_second"]], color="tab:red",
+                 label="p99 end to end")  # fmt: skip
+    latency.plot(seconds, [s["replica_p99_ms"] for s in result["per_second"]],
+                 color="tab:purple", label="p99 in the replica")  # fmt: skip
+    waits = _gate_waits(result["timeline"])
+    latency.plot([t for t, _ in waits], [ms for _, ms in waits], color="tab:green",
+                 label="mean wait for a gate token")  # fmt: skip
     latency.axhline(50, linestyle="--", color="grey", label="target")
-    latency.set_ylabel("p99 ms")
+    latency.set_ylabel("ms")
     latency.legend()
     times = [entry["t"] for entry in result["timeline"]]
     footprint.plot(times, [entry["footprint"] for entry in result["timeline"]], label="footprint")

@@ -2,7 +2,7 @@
 requests miss their latency target.
 
     python benchmarks/cluster_sim.py [--functions 300] [--gpus 100] [--hours 2] [--seed 0]
-                                     [--replica-start-s 8]
+                                     [--replica-start-s 3]
 
 The functions' capacities come from profiles measured on an H200 (benchmarks/results/
 profile-*.json, made by benchmarks/profiler.py), each function one of them. Rates follow the
@@ -19,10 +19,11 @@ strategy alike.
 
 All three run fast-gshare's own autoscaler (autoscale/decide.py: FunctionScaler, with its
 stable and panic windows) and placement (gpu/placement.py: Placer), the first two restricted to
-the one setting they allow. A new replica serves --replica-start-s after it is asked for (8 s
-measured on an H200 for 1 to 3 ResNet-50 replicas); a request misses its target when it comes
-while its function has no replica ready, or past what the ready replicas serve within the
-target (their profile's throughput at p99 <= target). GPUs in use: those holding a replica.
+the one setting they allow. A new replica serves --replica-start-s after it is asked for (3 s:
+2.8 s measured on an H200 for 1 to 3 ResNet-50 replicas, forked from the fork server); a
+request misses its target when it comes while its function has no replica ready, or past what
+the ready replicas serve within the target (their profile's throughput at p99 <= target).
+GPUs in use: those holding a replica.
 
 Prints a table, writes benchmarks/results/cluster_sim.json and cluster_sim.png (or under --out).
 """
@@ -260,7 +261,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=2000, help="GPUs the simulation may use")
     parser.add_argument("--hours", type=float, default=2.0)
     parser.add_argument("--slices", type=int, default=4, help="equal-mps slices a GPU")
-    parser.add_argument("--replica-start-s", type=float, default=8.0)
+    parser.add_argument("--replica-start-s", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategies", default="exclusive,equal-mps,fast-gshare")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
