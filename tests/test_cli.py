@@ -162,12 +162,15 @@ def test_workers_share_the_port_and_pass_system_calls_through(tmp_path: Path) ->
     assert not control_socket.exists(), "a stopped provider leaves no socket behind"
 
 
-def test_scale_downs_under_load_through_workers_lose_no_request(tmp_path: Path) -> None:
-    # a worker keeps the endpoint lists it got for a second: a replica that a scale-down stops
-    # must still answer what the workers send it meanwhile
+def test_scale_downs_and_rollouts_under_load_through_workers_lose_no_request(
+    tmp_path: Path,
+) -> None:
+    # a worker keeps the endpoint lists it got for a second: a replica that a scale-down or a
+    # rollout stops must still answer what the workers send it meanwhile
+    scale = "/system/scale-function/echo"
     with provider(tmp_path, "--workers", "2") as (_, port):
         _wait_ready(port, "echo")
-        assert _call(port, "/system/scale-function/echo", b'{"replicas": 3}', "POST")[0] == 202
+        assert _call(port, scale, b'{"replicas": 3}', "POST")[0] == 202
         _wait_ready(port, "echo", 3)
         done = threading.Event()
         answers: list[tuple[int, str]] = []
@@ -180,15 +183,19 @@ def test_scale_downs_under_load_through_workers_lose_no_request(tmp_path: Path) 
         for caller in callers:
             caller.start()
         try:
-            for _ in range(3):
-                assert (
-                    _call(port, "/system/scale-function/echo", b'{"replicas": 1}', "POST")[0] == 202
-                )
+            for round_ in range(3):
+                assert _call(port, scale, b'{"replicas": 1}', "POST")[0] == 202
                 time.sleep(2.0)
-                assert (
-                    _call(port, "/system/scale-function/echo", b'{"replicas": 3}', "POST")[0] == 202
-                )
+                assert _call(port, scale, b'{"replicas": 3}', "POST")[0] == 202
                 _wait_ready(port, "echo", 3)
+                # a new environment: three new replicas, then the old three go
+                update = {"service": "echo", "image": "ghcr.io/fast-gshare/echo:0.1.0",
+                          "envProcess": "cat", "envVars": {"ROUND": str(round_)},
+                          "labels": {"com.openfaas.scale.min": "1"}}  # fmt: skip
+                assert (
+                    _call(port, "/system/functions", json.dumps(update).encode(), "PUT")[0] == 202
+                )
+                time.sleep(3.0)
         finally:
             done.set()
             for caller in callers:
