@@ -18,11 +18,13 @@ profile-resnet50.json), `com.openfaas.scale.max` 20 and scale to zero after 30 i
 open-loop Poisson load of one JPEG a request from --processes processes, 50 req/s rising to
 --peak, held, and falling back to 50 over --ramp-seconds, then none; arrivals keep their own
 clock and each request is timed from its scheduled arrival. Per second: the rate offered and
-answered, the p99 of the requests sent in it, the replicas and the GPU footprint the
-autoscaler planned. Reported: the share of seconds past the ramp's first 10 whose p99 was
-within the target, the GPU-share-seconds held against a deployment sized for the peak, when
-it scaled to zero, each failed request (its second, its status; 0 for no answer), and the
-autoscaler's decisions and the provider's warnings from its log.
+answered, the p99 of the requests sent in it end to end and of their time in the replica
+(X-Duration-Seconds), the mean wait for a gate token, the replicas and the GPU footprint the
+autoscaler planned, and how busy the machine's CPUs were. Reported: the share of seconds past
+the ramp's first 10 whose p99 was within the target, the GPU-share-seconds held against a
+deployment sized for the peak, when it scaled to zero, each failed request (its second, its
+status; 0 for no answer), and the autoscaler's decisions and the provider's warnings from its
+log.
 
 Prints tables, writes benchmarks/results/autoscale.json (and autoscale.png for the ramp).
 Needs torch and torchvision.
@@ -238,9 +240,9 @@ def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> No
             for worker in workers:
                 worker.start()
             calls: list[Call] = []
-            reported, result = 0, None
+            reported, result, cpu = 0, None, CpuBusy()
             while (t := time.time() - began) < args.ramp_seconds + IDLE_WAIT_S:
-                timeline.append({"t": t} | _look(base))
+                timeline.append({"t": t, "cpu_busy": cpu.busy()} | _look(base))
                 replicas, footprint = timeline[-1]["replicas"], timeline[-1]["footprint"]
                 while reported < len(workers) and not out.empty():
                     calls += out.get()
@@ -273,6 +275,30 @@ def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> No
           else "not scaled to zero in the time waited")  # fmt: skip
     _plot(result)
     save(result)
+
+
+class CpuBusy:
+    """The machine's CPUs' busy share (0 to 1) between one reading of /proc/stat and the next."""
+
+    def __init__(self) -> None:
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float]:
+        try:
+            fields = [
+                float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            ]
+        except (OSError, ValueError):
+            return 0.0, 0.0
+        idle = fields[3] + fields[4]  # idle, iowait
+        return sum(fields) - idle, sum(fields)
+
+    def busy(self) -> float:
+        """The busy share since the last call (NaN where /proc/stat cannot be read)."""
+        (busy, total), (last_busy, last_total) = self._read(), self._last
+        self._last = (busy, total)
+        return (busy - last_busy) / (total - last_total) if total > last_total else float("nan")
 
 
 LOOKED = {  # what the timeline keeps from /metrics: sample name -> key, summed over GPUs
@@ -425,7 +451,9 @@ def _plot(result: dict[str, Any]) -> None:
     footprint.plot(times, [entry["footprint"] for entry in result["timeline"]], label="footprint")
     footprint.plot(times, [entry["replicas"] / 10 for entry in result["timeline"]],
                    label="replicas / 10")  # fmt: skip
-    footprint.set_ylabel("GPUs")
+    footprint.plot(times, [entry.get("cpu_busy", math.nan) for entry in result["timeline"]],
+                   label="CPUs busy (share of all)", color="tab:grey")  # fmt: skip
+    footprint.set_ylabel("GPUs; CPU share")
     footprint.set_xlabel("seconds")
     footprint.legend()
     figure.tight_layout()
