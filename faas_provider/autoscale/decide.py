@@ -235,10 +235,7 @@ class FunctionScaler:
         panic_rate = self.rate(now, PANIC_WINDOW_S)
         stable_plan = plan(stable, self.capacities, self.bounds, current)
         panic_plan = plan(panic_rate, self.capacities, self.bounds, current)
-        if panic_plan.replicas >= PANIC_THRESHOLD * max(ready, 1) and panic_plan.replicas > ready:
-            self._panic_until = now + STABLE_WINDOW_S
-        panicking = self._panic_until is not None and now < self._panic_until
-        if panicking and (ahead := self.projected_rate(now)) > panic_rate:
+        if (ahead := self.projected_rate(now)) > panic_rate:  # a ramp: plan for where it goes
             panic_plan = plan(ahead, self.capacities, self.bounds, current)
             panic_plan = Plan(
                 panic_plan.replicas,
@@ -246,6 +243,9 @@ class FunctionScaler:
                 panic_plan.serves_rps,
                 f"rising to {ahead:.1f} req/s in {LEAD_S:g} s: " + panic_plan.reason,
             )
+        if panic_plan.replicas >= PANIC_THRESHOLD * max(ready, 1) and panic_plan.replicas > ready:
+            self._panic_until = now + STABLE_WINDOW_S
+        panicking = self._panic_until is not None and now < self._panic_until
         if not panicking:
             self._panic_until = None
             chosen = stable_plan
