@@ -8,11 +8,12 @@ target of requests per second per replica (`com.openfaas.scale.target`, default 
 
 `FunctionScaler` follows one function's rate over time as Knative's autoscaler does: a stable
 window (60 s) to follow the load without flapping, a panic window (6 s) entered when it asks for
-twice the replicas that are ready, in which it never scales down and, while the load ramps up,
-plans for the rate it will have reached once a new replica is ready (the panic window's trend
-carried forward); out of panic it does not scale down while the panic window asks for more
-than the stable one. Scale to zero after the idle period when `com.openfaas.scale.zero` allows
-it. The cluster simulator runs this same code.
+twice the replicas that are ready, in which it never scales down. While the load ramps up, the
+panic window's rate is carried along its rise to when a replica asked for now, and the next
+tick's, would serve (LEAD_S); that projected rate both enters panic and sizes it. Out of panic
+it does not scale down while the panic window asks for more than the stable one. Scale to zero
+after the idle period when `com.openfaas.scale.zero` allows it. The cluster simulator runs
+this same code.
 """
 
 from __future__ import annotations
