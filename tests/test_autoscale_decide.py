@@ -1,6 +1,7 @@
 """The autoscaler's decisions with numbers: the least footprint that serves a rate, a setting
 kept unless another saves enough, the OpenFaaS bounds, and the stable and panic windows over
-steady, flapping, bursting and idle rates."""
+steady, flapping, bursting, ramping and idle rates, with synthetic profiles and the one recorded
+on an H200."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from faas_provider.autoscale.decide import (
     plan,
 )
 from faas_provider.errors import InvalidRequest
-from faas_provider.profile.model import Capacity
+from faas_provider.profile.model import Capacity, Profile
+from tests.conftest import REPO
 
 # one replica's throughput within the target at each (SM partition, quota), as a profile says
 CAPACITIES = [
@@ -193,3 +195,20 @@ def test_a_step_is_not_carried_forward_as_a_ramp() -> None:
     asked = run(FunctionScaler(ScaleBounds(min_replicas=1, max_replicas=100), []),
                 [50.0] * 40 + [1000.0] * 40)  # fmt: skip
     assert max(asked) == 20, f"1000 req/s at 50 a replica: {asked[38:]}"
+
+
+def test_decisions_from_the_recorded_h200_profile() -> None:
+    # benchmarks/results/profile-resnet50.json, measured on an H200: one replica serves about
+    # as much at 12% of the SMs as at 100%, so the least footprint is many small replicas
+    recorded = REPO / "benchmarks" / "results" / "profile-resnet50.json"
+    profile = Profile.model_validate_json(recorded.read_text())
+    assert profile.gpu_model == "NVIDIA H200"
+    capacities = profile.capacities(50)
+    bounds = ScaleBounds(max_replicas=20)
+    at_peak = plan(1500, capacities, bounds)
+    assert (at_peak.replicas, at_peak.setting.sm_percent) == (4, 12)  # type: ignore[union-attr]
+    assert at_peak.footprint == pytest.approx(0.48)
+    ramp = [50.0 + 1450.0 * i / 30 for i in range(30)] + [1500.0] * 30
+    asked = run(FunctionScaler(bounds, capacities), ramp + list(reversed(ramp)) + [50.0] * 40)
+    rising = asked[: len(ramp)]
+    assert rising == sorted(rising) and max(asked) == 4 and asked[-1] == 1, asked
