@@ -1,5 +1,6 @@
 """The profiler on a real GPU: `fast-gshare profile` of a sample function through
-fast-gshare, over SM partitions x quotas x concurrencies.
+fast-gshare, over SM partitions x quotas x concurrencies, then Poisson arrivals under the
+latency target for each SM partition and quota that met it.
 
     python benchmarks/profiler.py [--function resnet50|text-encoder] [--sm 12,25,50,100] \\
         [--quota 0.25,0.5,1] [--concurrency 1,2,4,8] [--seconds 3] [--latency-slo-ms 50]

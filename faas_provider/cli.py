@@ -213,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--seconds", type=float, default=5.0, help="measured per setting")
     profile.add_argument("--warmup", type=float, default=1.0, help="unmeasured, before each")
     profile.add_argument(
+        "--poisson",
+        default="0.9,0.8,0.7,0.6,0.5,0.4",
+        help="Poisson rates to try, highest first, as fractions of the best closed-loop rate "
+        "within the target",
+    )
+    profile.add_argument(
         "--latency-slo-ms",
         type=float,
         default=None,
@@ -343,11 +349,19 @@ def _profile(args: argparse.Namespace) -> None:
             sm_percents=tuple(int(v) for v in args.sm.split(",")),
             quotas=tuple(float(v) for v in args.quota.split(",")),
             concurrencies=tuple(int(v) for v in args.concurrency.split(",")),
+            poisson_fractions=tuple(float(v) for v in args.poisson.split(",")),
             seconds=args.seconds,
             warmup_s=args.warmup,
         )
     except ValueError as error:
-        raise SystemExit(f"fast-gshare profile: --sm, --quota and --concurrency: {error}") from None
+        raise SystemExit(
+            f"fast-gshare profile: --sm, --quota, --concurrency and --poisson: {error}"
+        ) from None
+    if not all(0 < fraction <= 1 for fraction in grid.poisson_fractions):
+        raise SystemExit(
+            "fast-gshare profile: --poisson takes fractions above 0 and at most 1, such as "
+            f"0.9,0.8, not {args.poisson}"
+        )
     body = args.body.encode() if args.body is not None else args.body_file.read_bytes()
     out = args.out or Path(f"{args.name}.profile.json")
     console = Console()

@@ -5,15 +5,18 @@ For each (SM partition, quota) of the grid a copy of the function, `NAME-profile
 through the provider with that share (quota request = limit) and one replica; for each
 concurrency of the grid, that many closed-loop clients send the function's sample request
 through the provider's proxy (proxy, gate, replica) for a while after a warm-up, and the
-throughput and latency percentiles are kept. The copy is deleted at the end, whatever
-happens; the function itself keeps serving throughout. The profile names the GPU model the
-copy ran on, the one model of the install's GPUs, read from the provider's /metrics
-(`fast_gshare_gpu_info`) before anything is deployed.
+throughput and latency percentiles are kept. With a latency target, Poisson arrivals then
+come at fractions of the best closed-loop throughput within it, highest first, until one
+run's p99 meets the target: what the replica serves of traffic that comes when it comes.
+The copy is deleted at the end, whatever happens; the function itself keeps serving
+throughout. The profile names the GPU model the copy ran on, the one model of the install's
+GPUs, read from the provider's /metrics (`fast_gshare_gpu_info`) before anything is deployed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ import aiohttp
 
 from faas_provider.gpu.share import GPU_MEMORY, LATENCY_SLO
 from faas_provider.models import rfc3339, utcnow
-from faas_provider.profile.model import Measurement, Profile
+from faas_provider.profile.model import Measurement, Profile, RateMeasurement
 
 COPY_SUFFIX = "-profile"
 READY_TIMEOUT_S = 300.0
@@ -40,6 +43,8 @@ class Grid:
     sm_percents: tuple[int, ...] = (12, 25, 50, 100)
     quotas: tuple[float, ...] = (0.25, 0.5, 1.0)
     concurrencies: tuple[int, ...] = (1, 2, 4, 8)
+    # Poisson rates, as fractions of the best closed-loop throughput within the target
+    poisson_fractions: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
     seconds: float = 5.0  # measured, per concurrency
     warmup_s: float = 1.0  # sent but not measured, before each
 
@@ -48,7 +53,8 @@ class Grid:
         return len(self.sm_percents) * len(self.quotas) * len(self.concurrencies)
 
 
-Progress = Callable[[str, Measurement | None], None]  # a line of what it does; a result
+# a line of what it does, or a result
+Progress = Callable[[str, Measurement | RateMeasurement | None], None]
 
 
 async def profile_function(
@@ -78,6 +84,7 @@ async def profile_function(
                 "one GPU model"
             )
         measurements: list[Measurement] = []
+        open_loop: list[RateMeasurement] = []
         try:
             for sm in grid.sm_percents:
                 for quota in grid.quotas:
@@ -91,6 +98,11 @@ async def profile_function(
                                              **measured)  # fmt: skip
                         measurements.append(result)
                         say("", result)
+                    if latency_slo_ms is not None:
+                        here = measurements[-len(grid.concurrencies) :]
+                        open_loop += await _search_poisson(
+                            session, target, body, grid, latency_slo_ms, here, say
+                        )
         finally:
             await _delete(session, copy_name, namespace)
         profile = Profile(
@@ -99,6 +111,7 @@ async def profile_function(
             made_at=rfc3339(utcnow()),
             latency_slo_ms=latency_slo_ms,
             measurements=measurements,
+            open_loop=open_loop,
         )
         async with session.put(
             f"/system/profiles/{name}",
@@ -188,6 +201,82 @@ async def _gpu_models(session: aiohttp.ClientSession) -> set[str]:
     }
 
 
+async def _search_poisson(
+    session: aiohttp.ClientSession,
+    target: str,
+    body: bytes,
+    grid: Grid,
+    latency_slo_ms: float,
+    closed_loop: list[Measurement],
+    say: Progress,
+) -> list[RateMeasurement]:
+    """Poisson runs at grid.poisson_fractions of the best of `closed_loop` (one setting's)
+    within the target, highest first, until one meets it; none when none of them did."""
+    within = [m.throughput_rps for m in closed_loop if not m.errors and m.p99_ms <= latency_slo_ms]
+    if not within:
+        return []
+    setting = closed_loop[0]
+    runs = []
+    for fraction in sorted(grid.poisson_fractions, reverse=True):
+        rate = max(within) * fraction
+        say(f"{setting.sm_percent}% SMs, quota {setting.quota:g}, Poisson {rate:.1f} req/s", None)
+        measured = await _measure_poisson(session, target, body, rate, grid)
+        run = RateMeasurement(sm_percent=setting.sm_percent, quota=setting.quota,
+                              offered_rps=rate, **measured)  # fmt: skip
+        runs.append(run)
+        say("", run)
+        if not run.errors and run.p99_ms <= latency_slo_ms:
+            break
+    return runs
+
+
+async def _measure_poisson(
+    session: aiohttp.ClientSession, target: str, body: bytes, rate_rps: float, grid: Grid
+) -> dict[str, Any]:
+    """Open-loop Poisson arrivals at `rate_rps` on `target`, each timed from its scheduled
+    arrival: warm up, then measure those that arrive within grid.seconds."""
+    latencies: list[float] = []
+    errors = 0
+    rng = random.Random(0)
+    start = time.monotonic() + grid.warmup_s
+    end = start + grid.seconds
+
+    async def call(arrival: float) -> None:
+        nonlocal errors
+        try:
+            async with session.post(target, data=body) as answer:
+                await answer.read()
+                ok = 200 <= answer.status < 300
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        if arrival >= start:
+            if ok:
+                latencies.append(time.monotonic() - arrival)
+            else:
+                errors += 1
+
+    calls = []
+    arrival = time.monotonic()
+    while (arrival := arrival + rng.expovariate(rate_rps)) < end:
+        await asyncio.sleep(max(0.0, arrival - time.monotonic()))
+        calls.append(asyncio.create_task(call(arrival)))
+    await asyncio.gather(*calls)
+    answered = len(latencies) / grid.seconds
+    return {"answered_rps": answered, **_percentiles(latencies), "errors": errors}
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 of `latencies` (seconds) in ms; 0 for none."""
+    ordered = sorted(latencies)
+
+    def percentile(fraction: float) -> float:
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
+
+    return {"p50_ms": percentile(0.50), "p95_ms": percentile(0.95), "p99_ms": percentile(0.99)}
+
+
 async def _measure(
     session: aiohttp.ClientSession, target: str, body: bytes, clients: int, grid: Grid
 ) -> dict[str, Any]:
@@ -214,17 +303,5 @@ async def _measure(
                     errors += 1
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    ordered = sorted(latencies)
-
-    def percentile(fraction: float) -> float:
-        if not ordered:
-            return 0.0
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
-
-    return {
-        "throughput_rps": len(ordered) / grid.seconds,
-        "p50_ms": percentile(0.50),
-        "p95_ms": percentile(0.95),
-        "p99_ms": percentile(0.99),
-        "errors": errors,
-    }
+    throughput = len(latencies) / grid.seconds
+    return {"throughput_rps": throughput, **_percentiles(latencies), "errors": errors}
