@@ -1,6 +1,7 @@
 """A profile as a picture: one replica's throughput against its GPU footprint (SM share x
-quota), one line per SM partition, at the latency target (filled) and at any latency
-(hollow, dashed). Needs matplotlib (`pip install 'fast-gshare[plot]'`)."""
+quota), one line per SM partition, at the latency target (filled: what it serves within the
+target, from Poisson runs where there are some) and at any latency, kept busy (hollow,
+dashed). Needs matplotlib (`pip install 'fast-gshare[plot]'`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def plot_profile(profile: Profile, path: Path) -> None:
         best = [max(m.throughput_rps for m in mine if m.quota == q) for q in quotas]
         line = axes.plot(
             [sm / 100 * q for q in quotas], best, linestyle="--", marker="o",
-            markerfacecolor="none", alpha=0.6, label=f"{sm}% SMs, any latency",
+            markerfacecolor="none", alpha=0.6, label=f"{sm}% SMs, kept busy, any latency",
         )  # fmt: skip
         if target is not None:
             within = {c.quota: c.throughput_rps for c in profile.capacities(target)
