@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sharing import REPO, _jpeg, provider
+from sharing import REPO, _jpeg, _percentile_ms, provider
 
 RESULTS = REPO / "benchmarks" / "results" / "autoscale.json"
 LOW_RPS = 50.0
@@ -394,7 +394,7 @@ def _ramp_result(
 def _p99_ms(seconds: list[float]) -> float:
     """The 99th percentile of `seconds` (NaNs left out), in ms; NaN for none."""
     known = sorted(s for s in seconds if not math.isnan(s))
-    return known[min(len(known) - 1, int(0.99 * len(known)))] * 1000 if known else float("nan")
+    return _percentile_ms(known, 0.99) if known else float("nan")
 
 
 def _gate_waits(timeline: list[dict[str, float]]) -> list[tuple[float, float]]:

@@ -243,12 +243,7 @@ async def _measure_poisson(
 
     async def call(arrival: float) -> None:
         nonlocal errors
-        try:
-            async with session.post(target, data=body) as answer:
-                await answer.read()
-                ok = 200 <= answer.status < 300
-        except (aiohttp.ClientError, TimeoutError):
-            ok = False
+        ok = await _post(session, target, body)
         if arrival >= start:
             if ok:
                 latencies.append(time.monotonic() - arrival)
@@ -263,6 +258,16 @@ async def _measure_poisson(
     await asyncio.gather(*calls)
     answered = len(latencies) / grid.seconds
     return {"answered_rps": answered, **_percentiles(latencies), "errors": errors}
+
+
+async def _post(session: aiohttp.ClientSession, target: str, body: bytes) -> bool:
+    """Send the sample request to `target`; whether it was answered with a 2xx."""
+    try:
+        async with session.post(target, data=body) as answer:
+            await answer.read()
+            return 200 <= answer.status < 300
+    except (aiohttp.ClientError, TimeoutError):
+        return False
 
 
 def _percentiles(latencies: list[float]) -> dict[str, float]:
@@ -289,12 +294,7 @@ async def _measure(
     async def client() -> None:
         nonlocal errors
         while (sent := time.monotonic()) < end:
-            try:
-                async with session.post(target, data=body) as answer:
-                    await answer.read()
-                    ok = 200 <= answer.status < 300
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
+            ok = await _post(session, target, body)
             done = time.monotonic()
             if sent >= start:
                 if ok:
