@@ -193,14 +193,13 @@ class FunctionScaler:
             return 0.0
         return self._rate_between(self._sample_before(now - window_s), self._counts[-1])
 
-    def projected_rate(self, now: float) -> float:
-        """The panic window's rate carried along its rise to `LEAD_S` from `now`.
+    def projected_rate(self, now: float, whole: float) -> float:
+        """The panic window's rate, `whole`, carried along its rise to `LEAD_S` from `now`.
 
         The window is cut in thirds; when the rate rose from each third to the next (a ramp,
         not one step, which the last third already shows whole), the last third's rate plus
         the smaller of the two rises a second, times the time from that third's middle.
-        Otherwise the panic window's rate."""
-        whole = self.rate(now, PANIC_WINDOW_S)
+        Otherwise `whole`."""
         cuts = [self._sample_before(now - PANIC_WINDOW_S * (3 - i) / 3) for i in range(3)]
         cuts.append(self._counts[-1] if self._counts else cuts[-1])
         if not all(a[0] < b[0] for a, b in itertools.pairwise(cuts)):
@@ -235,9 +234,9 @@ class FunctionScaler:
         stable = self.rate(now, STABLE_WINDOW_S)
         panic_rate = self.rate(now, PANIC_WINDOW_S)
         stable_plan = plan(stable, self.capacities, self.bounds, current)
-        panic_plan = plan(panic_rate, self.capacities, self.bounds, current)
-        if (ahead := self.projected_rate(now)) > panic_rate:  # a ramp: plan for where it goes
-            panic_plan = plan(ahead, self.capacities, self.bounds, current)
+        ahead = self.projected_rate(now, panic_rate)
+        panic_plan = plan(ahead, self.capacities, self.bounds, current)
+        if ahead > panic_rate:  # a ramp: the plan is for where it goes
             panic_plan = Plan(
                 panic_plan.replicas,
                 panic_plan.setting,
