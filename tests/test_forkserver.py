@@ -129,6 +129,65 @@ async def test_a_child_whose_environment_a_preload_read_at_import_is_execd(
     assert await child.wait() == 3
 
 
+STAND_IN_TORCH = """
+threads = None
+
+
+def set_num_threads(count):
+    global threads
+    threads = count
+"""
+
+
+async def test_a_childs_torch_thread_count_is_set_in_the_fork_not_by_an_exec(
+    library: Path, tmp_path: Path
+) -> None:
+    """OMP_NUM_THREADS, read by OpenMP when torch is imported, is given to the preloaded torch
+    through set_num_threads in the fork; a value that is no count is left to an exec'd child."""
+    (library / "torch.py").write_text(STAND_IN_TORCH)
+    (tmp_path / "work" / "threads_child.py").write_text(
+        "import sys\nprint(getattr(sys.modules.get('torch'), 'threads', 'no torch'), flush=True)\n"
+    )
+    server = ForkServer(server_env(library), preload=["torch"])
+    await server.start()
+    await server.preloaded()
+    try:
+        said = {}
+        for value in ("2", "all"):
+            env = {**server_env(library), "OMP_NUM_THREADS": value}
+            child = await server.spawn(
+                [sys.executable, "-m", "threads_child"], env, tmp_path / "work"
+            )
+            assert child.stdout is not None
+            said[value] = ((await child.stdout.readline()).decode().strip(), child.cold)
+            assert await child.wait() == 0
+    finally:
+        await server.close()
+    assert said["2"] == ("2", None)
+    assert said["all"][0] == "no torch" and "OMP_NUM_THREADS" in (said["all"][1] or "")
+
+
+async def test_a_forked_child_of_the_real_torch_runs_the_threads_it_is_given(
+    tmp_path: Path,
+) -> None:
+    """With torch itself preloaded (where it is installed: the GPU machines)."""
+    pytest.importorskip("torch")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "threads_child.py").write_text("import torch\nprint(torch.get_num_threads())\n")
+    server = ForkServer(python_environment(), preload=["torch"])
+    await server.start()
+    await server.preloaded()
+    try:
+        env = python_environment({"OMP_NUM_THREADS": "3"})
+        child = await server.spawn([sys.executable, "-m", "threads_child"], env, work)
+        assert child.stdout is not None
+        assert (await child.stdout.readline()).strip() == b"3" and child.cold is None
+        assert await child.wait() == 0
+    finally:
+        await server.close()
+
+
 async def test_a_command_that_is_not_python_m_is_execd(forks: ForkServer, tmp_path: Path) -> None:
     child = await forks.spawn(
         ["sh", "-c", "echo $COLOUR; exit 4"],

@@ -317,6 +317,29 @@ def assert_untouched(calls: list[Call], pid: int | None) -> None:
     assert {(status, who) for _, status, who in calls} == {(200, pid)}
 
 
+async def test_a_replica_runs_its_gpu_shares_part_of_the_cores_unless_it_says(
+    aiohttp_client: Any, settings: Settings, functions_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 cores and two GPUs: a replica at 50% SMs x quota 0.5 gets a quarter of one GPU's 8
+    cores as torch threads; a function that sets OMP_NUM_THREADS keeps its own."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    client, _ = await on_fake_gpus(aiohttp_client, settings, functions_root, 2)
+    quarter = {"fastgshare/gpu_sm_partition": "50", "fastgshare/gpu_quota_request": "0.5"}
+    own = {"OMP_NUM_THREADS": "3"}
+    deployments = {
+        "sized": {**STEER, "service": "sized", "annotations": quarter},
+        "own": {**STEER, "service": "own", "annotations": quarter, "envVars": own},
+    }
+    for deployment in deployments.values():
+        assert await faas_cli_deploy(client, deployment) == 202
+    threads = {}
+    for name in deployments:
+        await wait_available(client, name)
+        pid = (await (await client.post(f"/function/{name}", data=b"")).json())["pid"]
+        threads[name] = _environment(pid)["OMP_NUM_THREADS"]
+    assert threads == {"sized": "2", "own": "3"}
+
+
 async def test_an_mps_fault_recycles_that_gpus_replicas_and_loses_no_other_request(
     aiohttp_client: Any, settings: Settings, functions_root: Path
 ) -> None:

@@ -54,6 +54,8 @@ BASE_MODULES = ("faas_provider.runtime.__main__", "faas_provider.gate.__main__")
 DEFAULT_PRELOAD = ("torch", "torchvision")
 # variables that a preloaded library or the interpreter reads when it starts, not later
 START_TIME_VARIABLES = ("PYTHON", "LD_", "OMP_", "MKL_", "OPENBLAS_", "MALLOC_", "TORCH_")
+# read by OpenMP when torch is imported, and applied again in the fork by torch.set_num_threads
+TORCH_THREADS = "OMP_NUM_THREADS"
 EXIT_UNKNOWN = 255  # asyncio's code for a child whose exit status it cannot learn
 ORPHAN_POLL_S = 0.2
 READY_TIMEOUT_S = 60.0
@@ -405,7 +407,9 @@ class _Server:
         changed = sorted(
             name
             for name in set(env) | set(self.start_env)
-            if name.startswith(START_TIME_VARIABLES) and env.get(name) != self.start_env.get(name)
+            if name.startswith(START_TIME_VARIABLES)
+            and env.get(name) != self.start_env.get(name)
+            and not (name == TORCH_THREADS and _torch_threads(env) is not None)
         )
         if changed:
             return f"its environment sets {', '.join(changed)}, read when a process starts"
@@ -462,6 +466,8 @@ def _run_child(request: dict[str, Any], cold: str | None) -> int:
         return 127
     os.environ.clear()  # and libc's environ no longer points into the first environment
     os.environ.update(env)
+    if (threads := _torch_threads(env)) is not None:
+        sys.modules["torch"].set_num_threads(threads)
     _show_in_proc(argv, env)
     sys.path[0] = cwd  # where `python -m` puts the working directory
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams
@@ -481,6 +487,15 @@ def _run_child(request: dict[str, Any], cold: str | None) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _torch_threads(env: dict[str, str]) -> int | None:
+    """The thread count `env`'s OMP_NUM_THREADS gives torch, when torch is imported here and the
+    value is a count that torch.set_num_threads can apply in the fork; None otherwise."""
+    value = env.get(TORCH_THREADS, "")
+    if "torch" not in sys.modules or not value.isdecimal() or int(value) < 1:
+        return None
+    return int(value)
 
 
 def _show_in_proc(argv: list[str], env: dict[str, str]) -> None:
