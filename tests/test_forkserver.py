@@ -20,7 +20,7 @@ from faas_provider.backends.local.launch import python_environment
 
 # a module the child runs: what it sees, then exit 3
 CHILD = """
-import json, os, sys
+import gc, json, os, sys
 print(json.dumps({
     "argv": sys.argv[1:],
     "cwd": os.getcwd(),
@@ -28,6 +28,7 @@ print(json.dumps({
     "preloaded": "slow_library" in sys.modules,
     "path0": sys.path[0],
     "session": os.getsid(0) == os.getpid(),
+    "frozen": gc.get_freeze_count() > 1000,
 }), flush=True)
 print("said on stderr", file=sys.stderr, flush=True)
 if "--wait" in sys.argv:
@@ -103,6 +104,7 @@ async def test_a_child_runs_warm_as_python_m_would_run_it(
         "preloaded": True,  # imported once by the server, not by the child
         "path0": str(work),
         "session": True,
+        "frozen": True,  # the server's objects: out of the child's garbage collections
     }
     assert said == "said on stderr"
     assert await child.wait() == 3
@@ -125,7 +127,7 @@ async def test_a_child_whose_environment_a_preload_read_at_import_is_execd(
 ) -> None:
     child, seen, _ = await run(forks, tmp_path, extra={"OMP_NUM_THREADS": "1"})
     assert child.cold is not None and "OMP_NUM_THREADS" in child.cold
-    assert seen["preloaded"] is False and seen["colour"] == "teal"
+    assert seen["preloaded"] is False and seen["colour"] == "teal" and seen["frozen"] is False
     assert await child.wait() == 3
 
 

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import gc
 import importlib
 import itertools
 import json
@@ -389,6 +390,8 @@ class _Server:
             return
         for pipe in pipes:
             os.set_blocking(pipe, True)
+        # the preloaded libraries' objects live as long as the child: out of its collections
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             os.dup2(pipes[0], 1)
