@@ -1,4 +1,5 @@
-"""A stand-in for pynvml with the calls gpu/readings.py makes, for machines without a GPU.
+"""A stand-in for pynvml with the calls gpu/discovery.py and gpu/readings.py make, for
+machines without a GPU.
 
 Its GPUs are named by UUID, each with a utilisation; their compute processes are the PIDs
 `processes()` returns, each holding `process_bytes` (as NVML lists MPS clients), and the memory
@@ -42,6 +43,21 @@ class FakeNvml:
 
     def nvmlShutdown(self) -> None:
         self.initialised -= 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.utilization)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+        return list(self.utilization)[index]
+
+    def nvmlDeviceGetUUID(self, handle: str) -> str:
+        return handle
+
+    def nvmlDeviceGetName(self, handle: str) -> str:
+        return "NVIDIA H200"
+
+    def nvmlDeviceGetAttributes(self, handle: str) -> SimpleNamespace:
+        return SimpleNamespace(multiprocessorCount=132)
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
         if uuid not in self.utilization:

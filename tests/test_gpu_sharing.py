@@ -233,7 +233,9 @@ async def on_fake_gpus(
 ) -> tuple[TestClient, NodeAgent]:
     """The provider on `count` pretend real GPUs, each with the stand-in MPS control binary."""
     devices = [
-        GpuDevice(index=i, uuid=f"GPU-fake-{i}", name="fake", memory_bytes=16 * 1024**3)
+        GpuDevice(
+            index=i, uuid=f"GPU-fake-{i}", name="fake", memory_bytes=16 * 1024**3, cpu_cores=8
+        )
         for i in range(count)
     ]
     fake = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
@@ -318,11 +320,10 @@ def assert_untouched(calls: list[Call], pid: int | None) -> None:
 
 
 async def test_a_replica_runs_its_gpu_shares_part_of_the_cores_unless_it_says(
-    aiohttp_client: Any, settings: Settings, functions_root: Path, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, settings: Settings, functions_root: Path
 ) -> None:
-    """16 cores and two GPUs: a replica at 50% SMs x quota 0.5 gets a quarter of one GPU's 8
-    cores as torch threads; a function that sets OMP_NUM_THREADS keeps its own."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    """8 cores a GPU: a replica at 50% SMs x quota 0.5 gets a quarter of them as torch threads;
+    a function that sets OMP_NUM_THREADS keeps its own."""
     client, _ = await on_fake_gpus(aiohttp_client, settings, functions_root, 2)
     quarter = {"fastgshare/gpu_sm_partition": "50", "fastgshare/gpu_quota_request": "0.5"}
     own = {"OMP_NUM_THREADS": "3"}

@@ -121,7 +121,9 @@ def test_a_gpu_shared_deployment_pins_its_gpu_and_puts_the_gate_in_front() -> No
     spec = function(annotations=SHARED)
     share = gpu_share(spec)
     assert share is not None
-    gpu = GpuDevice(index=0, uuid=UUID, name="H200", memory_bytes=141 * 1024**3, node="gpu-node-7")
+    gpu = GpuDevice(
+        index=0, uuid=UUID, name="H200", memory_bytes=141 * 1024**3, node="gpu-node-7", cpu_cores=64
+    )
     deployment = valid(function_deployment(spec, 3, share, gpu, "ghcr.io/x/fast-gshare:9"))
     assert (
         deployment["metadata"]["name"] == deployment_name("resnet50", UUID) == "resnet50-8f2e1a3b"
@@ -141,6 +143,7 @@ def test_a_gpu_shared_deployment_pins_its_gpu_and_puts_the_gate_in_front() -> No
     assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
     assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=2048M"
     assert env["FAST_GSHARE_FUNCTION"] == "resnet50.openfaas-fn", "its GPU processes are named"
+    assert env["OMP_NUM_THREADS"] == "3", "25% SMs x quota 0.2 of the GPU's 64 cores"
     assert "nvidia.com/gpu" not in replica["resources"]["limits"], "shared outside the plugin"
     mounts = {m["mountPath"]: m["name"] for m in replica["volumeMounts"]}
     assert mounts[env["CUDA_MPS_PIPE_DIRECTORY"]] == "fast-gshare-mps"
@@ -165,6 +168,18 @@ def test_a_gpu_shared_deployment_pins_its_gpu_and_puts_the_gate_in_front() -> No
     ), "the client name is the pod's, which Kubernetes puts in $(POD_NAME)"
     gate_mounts = {m["name"]: m["mountPath"] for m in gate["volumeMounts"]}
     assert Path(parsed.token_socket).parent == Path(gate_mounts["fast-gshare-tokens"])
+
+
+def test_a_gpu_shared_function_that_sets_its_threads_keeps_them() -> None:
+    spec = function(annotations=SHARED, envVars={"OMP_NUM_THREADS": "12"})
+    share = gpu_share(spec)
+    assert share is not None
+    gpu = GpuDevice(
+        index=0, uuid=UUID, name="H200", memory_bytes=141 * 1024**3, node="gpu-node-7", cpu_cores=64
+    )
+    deployment = valid(function_deployment(spec, 1, share, gpu, "ghcr.io/x/fast-gshare:9"))
+    env = {e["name"]: e["value"] for e in containers(deployment)["resnet50"]["env"]}
+    assert env["OMP_NUM_THREADS"] == "12"
 
 
 def test_a_whole_gpu_function_goes_to_the_stock_device_plugin() -> None:

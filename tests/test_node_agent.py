@@ -27,6 +27,7 @@ GPU = GpuDevice(
     name="H200",
     memory_bytes=141 * 1024**3,
     sm_count=132,
+    cpu_cores=24,
 )
 
 
@@ -67,6 +68,7 @@ async def test_the_agent_publishes_its_gpus_and_recycles_the_pods_of_a_lost_gpu(
                 memory_bytes=GPU.memory_bytes,
                 sm_count=132,
                 node=NODE,
+                cpu_cores=24,
             )
         ]
         assert (run_dir / "tokens" / "tokens.sock").is_socket()

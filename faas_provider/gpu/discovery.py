@@ -7,7 +7,8 @@ virtual GPU: placement, the time-quota gate and the scheduler are the same code 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 log = logging.getLogger("fast_gshare.gpu")
 
@@ -25,6 +26,8 @@ class GpuDevice:
     sm_count: int | None = None
     virtual: bool = False
     node: str | None = None  # on a cluster, the node it is on
+    # the cores that go with a real GPU: its machine's, shared evenly by its GPUs
+    cpu_cores: int | None = None
 
     @property
     def label(self) -> str:
@@ -63,14 +66,17 @@ def discover_gpus(virtual_memory_bytes: int = VIRTUAL_GPU_MEMORY) -> list[GpuDev
         pynvml.nvmlShutdown()
     if not devices:
         return [_virtual(virtual_memory_bytes, "NVML reports no GPU")]
+    cores = max(1, len(os.sched_getaffinity(0)) // len(devices))
+    devices = [replace(device, cpu_cores=cores) for device in devices]
     for device in devices:
         log.info(
-            "GPU %d: %s, %s, %.0f GiB, %s SMs",
+            "GPU %d: %s, %s, %.0f GiB, %s SMs, %d CPU cores",
             device.index,
             device.name,
             device.uuid,
             device.memory_bytes / 1024**3,
             device.sm_count or "?",
+            device.cpu_cores,
         )
     return devices
 

@@ -16,10 +16,12 @@ per GPU.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from faas_provider.errors import InvalidRequest
 from faas_provider.gate.registration import Registration
+from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.models import FunctionDeployment
 
 SM_PARTITION = "fastgshare/gpu_sm_partition"
@@ -29,6 +31,7 @@ GPU_MEMORY = "fastgshare/gpu_mem"
 ANNOTATIONS = (SM_PARTITION, QUOTA_REQUEST, QUOTA_LIMIT, GPU_MEMORY)
 LATENCY_SLO = "fastgshare/latency_slo_ms"
 PREFIX = "fastgshare/"
+THREADS_VARIABLE = "OMP_NUM_THREADS"  # read by OpenMP, and so by torch, at import
 
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$")
 _UNITS = {
@@ -59,6 +62,15 @@ class GpuShare:
     def footprint(self) -> float:
         """SM-percent times guaranteed time share: a whole GPU is 100."""
         return self.sm_percent * self.quota_request
+
+    def thread_env(self, device: GpuDevice, env: Mapping[str, str]) -> dict[str, str]:
+        """OMP_NUM_THREADS for one replica on `device`, unless `env` (the function's) sets it:
+        this share (SMs x quota) of the cores that go with that GPU, at least one; nothing when
+        those cores are not known. Left to itself, torch starts a thread per core in every
+        replica, and a replica that is starting (model load, warm-up) slows the running ones."""
+        if device.cpu_cores is None or THREADS_VARIABLE in env:
+            return {}
+        return {THREADS_VARIABLE: str(max(1, round(device.cpu_cores * self.footprint / 100)))}
 
     def registration(self, gpu: str, client: str, function: str) -> Registration:
         """What the gate of replica `client` of `function` (`name.namespace`) on GPU `gpu`

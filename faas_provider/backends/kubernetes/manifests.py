@@ -131,6 +131,7 @@ def function_deployment(
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
             "CUDA_MPS_PIPE_DIRECTORY": pipe,
             **client_share_env(share.sm_percent, share.memory_bytes),
+            **share.thread_env(gpu, deployment.env_vars),
         }
         host = {"type": "Directory"}
         volumes += [

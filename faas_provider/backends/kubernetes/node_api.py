@@ -1,7 +1,8 @@
 """What a node agent does through the Kubernetes API, and what the provider reads of it.
 
 The GPUs a node shares are published on its Node, in the annotation `fastgshare/gpus`: a JSON
-list of `{"index", "uuid", "name", "memory_bytes", "sm_count"}`, which placement reads. When a
+list of `{"index", "uuid", "name", "memory_bytes", "sm_count", "cpu_cores"}`, which placement
+and the Deployments' thread counts read. When a
 GPU's MPS clients lose their server, the agent deletes that GPU's function pods on its node:
 their CUDA contexts are of no more use, and their Deployments start new ones, clients of the
 daemon the agent has started again.
@@ -32,6 +33,7 @@ async def publish_gpus(api: client.ApiClient, node: str, devices: list[GpuDevice
             "name": d.name,
             "memory_bytes": d.memory_bytes,
             "sm_count": d.sm_count,
+            "cpu_cores": d.cpu_cores,
         }
         for d in devices
         if not d.virtual
@@ -76,6 +78,7 @@ def node_gpus(node: dict[str, Any]) -> list[GpuDevice]:
                 memory_bytes=int(gpu["memory_bytes"]),
                 sm_count=gpu.get("sm_count"),
                 node=meta["name"],
+                cpu_cores=gpu.get("cpu_cores"),
             )
             for gpu in json.loads(text)
         ]

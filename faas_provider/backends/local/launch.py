@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from faas_provider.backends.local.forkserver import TORCH_THREADS
 from faas_provider.errors import InvalidRequest
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.readings import function_env
@@ -93,8 +92,7 @@ def on_gpu(
     """`spec` for replica `client` of `function` (`name.namespace`) placed on `device`: an
     MPS client of that GPU's daemon with its SM partition and memory cap (on a real GPU),
     behind a gate registered with the node's token service (unless it holds the GPU whole:
-    nobody to share time with). Unless its environment says otherwise, torch runs the threads
-    of `cpu_threads`."""
+    nobody to share time with), running the share's CPU threads (`GpuShare.thread_env`)."""
     daemon = node.daemon(device.index)
     env = function_env(function)
     if daemon is not None and not share.exclusive:
@@ -107,19 +105,10 @@ def on_gpu(
         gate_argv += ["--token-socket", str(node.token_socket)]
         gate_argv += share.registration(device.uuid, client, function).argv()
         gate_argv += ["--parent-pid", str(os.getpid())]
-    threads = {} if TORCH_THREADS in spec.env else {TORCH_THREADS: str(cpu_threads(share, node))}
+    env |= share.thread_env(device, spec.env)
     # The share's variables come first (/proc cuts a forked child's long environment at its
     # end, and the GPU readings look for the function's name there) and win over the rest.
-    return replace(spec, env={**env, **threads, **spec.env, **env}, gate_argv=gate_argv)
-
-
-def cpu_threads(share: GpuShare, node: NodeAgent) -> int:
-    """The CPU threads for one replica holding `share` of a GPU: its share (SMs x quota) of the
-    cores that go with each of the node's GPUs, at least one. Left to itself, torch starts a
-    thread per core in every replica, and a replica that is starting (model load, warm-up)
-    then slows the running ones."""
-    cores = len(os.sched_getaffinity(0)) // max(1, len(node.devices))
-    return max(1, round(cores * share.footprint / 100))
+    return replace(spec, env={**env, **spec.env, **env}, gate_argv=gate_argv)
 
 
 def _image_segment(image: str) -> str:
