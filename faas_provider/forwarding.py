@@ -37,6 +37,7 @@ _HOP_BY_HOP = tuple(
 )
 INTERNAL = {"X-OpenFaaS-Internal": "proxy"}
 BUFFER_LIMIT = 1024 * 1024
+SERVER_TIMING = "Server-Timing"  # the W3C header a browser's developer tools show
 
 
 class BodyLimit(Protocol):
@@ -80,9 +81,11 @@ async def forward(
     target: str,
     timeout_s: float,
     limit: BodyLimit | None = None,
+    timing: str | None = None,
 ) -> web.StreamResponse:
     """Send `request` to `target` on the upstream at `base` through `pool`, and pass the
-    answer back; TimeoutError when it is not whole within `timeout_s`.
+    answer back, with `timing` added as a Server-Timing entry; TimeoutError when it is not
+    whole within `timeout_s`.
 
     Errors before the answer started are raised for the caller to report; later ones cut the
     response short. Bodies of known size up to BUFFER_LIMIT go whole, head and body in one
@@ -110,6 +113,8 @@ async def forward(
         ) as upstream,
     ):
         headers = _without_hop_by_hop(upstream.headers)
+        if timing is not None:
+            headers.add(SERVER_TIMING, timing)
         if hdrs.CONTENT_TYPE not in headers:
             headers[hdrs.CONTENT_TYPE] = request.headers.get(hdrs.CONTENT_TYPE, "text/plain")
         if upstream.length is not None and upstream.length <= BUFFER_LIMIT:

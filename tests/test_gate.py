@@ -96,6 +96,34 @@ async def test_the_gate_answers_503_without_its_token_service_and_recovers(
         await service.close()
 
 
+async def test_each_answer_tells_how_long_it_waited_for_the_token(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """In Server-Timing, beside the replica's own entries: 0.1 s held by a neighbour on the
+    whole GPU shows as a wait of most of that (the request reaches the gate a little later)."""
+
+    async def replica(request: web.Request) -> web.Response:
+        return web.Response(text="done", headers={"Server-Timing": "model;dur=5"})
+
+    upstream_app = web.Application()
+    upstream_app.router.add_route("*", "/{tail:.*}", replica)
+    upstream = await aiohttp_client(upstream_app)
+    async with two_gates(tmp_path, 1.0, "holder", "waiter") as (holder, waiter):
+        base = f"http://{upstream.host}:{upstream.port}"
+        client = await aiohttp_client(create_gate_app(base, waiter, upstream_timeout_s=10))
+        await holder.__aenter__()  # a request of the holder runs: it has the token
+        call = asyncio.create_task(client.post("/work", data=b"x"))
+        await asyncio.sleep(0.1)
+        await holder.__aexit__(None, None, None)
+        await holder.close()
+        answer = await call
+        assert await answer.text() == "done"
+        timings = answer.headers.getall("Server-Timing")
+    assert timings[0] == "model;dur=5", "the replica's own entry is kept"
+    name, duration = timings[1].split(";dur=")
+    assert name == "gate-wait" and float(duration) >= 80, timings
+
+
 async def test_connecting_to_no_service_is_a_clear_error(tmp_path: Path) -> None:
     gate = _gate(tmp_path / "absent.sock", "lonely")
     try:

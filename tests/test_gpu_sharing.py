@@ -215,6 +215,17 @@ def _gate_pid(client: str) -> int:
     raise AssertionError(f"no gate process for {client}")
 
 
+async def test_an_answer_through_the_provider_tells_its_wait_at_the_gate(
+    gpu_client: TestClient,
+) -> None:
+    assert await faas_cli_deploy(gpu_client, shared("timed", sm_partition="50")) == 202
+    await wait_available(gpu_client, "timed")
+    answer = await gpu_client.post("/function/timed", data=b"")
+    assert answer.status == 200
+    name, duration = answer.headers["Server-Timing"].split(";dur=")
+    assert name == "gate-wait" and 0 <= float(duration) < 1000
+
+
 async def test_a_killed_gate_is_restarted_with_its_replica(gpu_client: TestClient) -> None:
     assert await faas_cli_deploy(gpu_client, shared("guarded", sm_partition="50")) == 202
     await wait_available(gpu_client, "guarded")

@@ -5,6 +5,8 @@
         [--host 127.0.0.1] [--port 0]
 
 Prints `Listening on port: N` once it serves; `/_/health` answers as the upstream's does.
+Each answer it passes on tells, in a `Server-Timing: gate-wait;dur=MS` entry, how long the
+request waited for its GPU's token.
 It imports nothing of the provider API: on Kubernetes it is the function pod's sidecar.
 """
 
@@ -16,6 +18,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from faas_provider.forwarding import INTERNAL, bad_gateway, forward
-from faas_provider.gate.gate import QuotaGate, SchedulerUnavailable
+from faas_provider.gate.gate import WAIT_TIMING, QuotaGate, SchedulerUnavailable
 from faas_provider.gate.registration import BadRegistration, Registration
 from faas_provider.processes import watch_parent
 from faas_provider.upstream import UpstreamError, UpstreamPool, parse_base_url
@@ -54,10 +57,17 @@ def create_gate_app(upstream: str, gate: QuotaGate, upstream_timeout_s: float) -
             return web.Response(status=503, text="the replica does not answer")
 
     async def through_gate(request: web.Request) -> web.StreamResponse:
+        arrived = time.perf_counter()
         try:
             async with gate:
+                waited_ms = (time.perf_counter() - arrived) * 1000
                 return await forward(
-                    request, request.app[UPSTREAM], upstream, request.raw_path, upstream_timeout_s
+                    request,
+                    request.app[UPSTREAM],
+                    upstream,
+                    request.raw_path,
+                    upstream_timeout_s,
+                    timing=f"{WAIT_TIMING};dur={waited_ms:.3f}",
                 )
         except SchedulerUnavailable as error:
             return web.Response(status=503, text=str(error), headers=INTERNAL)

@@ -35,6 +35,8 @@ from faas_provider.gate.registration import Registration
 
 log = logging.getLogger("fast_gshare.gate")
 
+WAIT_TIMING = "gate-wait"  # the Server-Timing entry of each answer: how long it waited to start
+
 
 class SchedulerUnavailable(Exception):
     """The token service cannot be reached."""
