@@ -2,10 +2,9 @@
 
 The GPUs a node shares are published on its Node, in the annotation `fastgshare/gpus`: a JSON
 list of `{"index", "uuid", "name", "memory_bytes", "sm_count", "cpu_cores"}`, which placement
-and the Deployments' thread counts read. When a
-GPU's MPS clients lose their server, the agent deletes that GPU's function pods on its node:
-their CUDA contexts are of no more use, and their Deployments start new ones, clients of the
-daemon the agent has started again.
+and the Deployments' thread counts read. When a GPU's MPS clients lose their server, the agent
+deletes that GPU's function pods on its node: their CUDA contexts are of no more use, and their
+Deployments start new ones, clients of the daemon the agent has started again.
 """
 
 from __future__ import annotations
