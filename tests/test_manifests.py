@@ -33,6 +33,9 @@ from faas_provider.models import FunctionDeployment
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES_VERSION = "1.36.0"
 UUID = "GPU-8f2e1a3b-0000-4000-8000-000000000001"
+SHARED_GPU = GpuDevice(
+    index=0, uuid=UUID, name="H200", memory_bytes=141 * 1024**3, node="gpu-node-7", cpu_cores=64
+)
 SHARED = {
     "fastgshare/gpu_sm_partition": "25",
     "fastgshare/gpu_quota_request": "0.2",
@@ -121,9 +124,7 @@ def test_a_gpu_shared_deployment_pins_its_gpu_and_puts_the_gate_in_front() -> No
     spec = function(annotations=SHARED)
     share = gpu_share(spec)
     assert share is not None
-    gpu = GpuDevice(
-        index=0, uuid=UUID, name="H200", memory_bytes=141 * 1024**3, node="gpu-node-7", cpu_cores=64
-    )
+    gpu = SHARED_GPU
     deployment = valid(function_deployment(spec, 3, share, gpu, "ghcr.io/x/fast-gshare:9"))
     assert (
         deployment["metadata"]["name"] == deployment_name("resnet50", UUID) == "resnet50-8f2e1a3b"
@@ -174,9 +175,7 @@ def test_a_gpu_shared_function_that_sets_its_threads_keeps_them() -> None:
     spec = function(annotations=SHARED, envVars={"OMP_NUM_THREADS": "12"})
     share = gpu_share(spec)
     assert share is not None
-    gpu = GpuDevice(
-        index=0, uuid=UUID, name="H200", memory_bytes=141 * 1024**3, node="gpu-node-7", cpu_cores=64
-    )
+    gpu = SHARED_GPU
     deployment = valid(function_deployment(spec, 1, share, gpu, "ghcr.io/x/fast-gshare:9"))
     env = {e["name"]: e["value"] for e in containers(deployment)["resnet50"]["env"]}
     assert env["OMP_NUM_THREADS"] == "12"

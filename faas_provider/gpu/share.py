@@ -31,7 +31,7 @@ GPU_MEMORY = "fastgshare/gpu_mem"
 ANNOTATIONS = (SM_PARTITION, QUOTA_REQUEST, QUOTA_LIMIT, GPU_MEMORY)
 LATENCY_SLO = "fastgshare/latency_slo_ms"
 PREFIX = "fastgshare/"
-THREADS_VARIABLE = "OMP_NUM_THREADS"  # read by OpenMP, and so by torch, at import
+THREADS_VARIABLE = "OMP_NUM_THREADS"  # torch's CPU threads: read by OpenMP at torch's import
 
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$")
 _UNITS = {

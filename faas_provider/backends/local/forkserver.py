@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from faas_provider.gpu.share import THREADS_VARIABLE
 from faas_provider.processes import parent_alive
 
 log = logging.getLogger("fast_gshare.forkserver")
@@ -55,8 +56,6 @@ BASE_MODULES = ("faas_provider.runtime.__main__", "faas_provider.gate.__main__")
 DEFAULT_PRELOAD = ("torch", "torchvision")
 # variables that a preloaded library or the interpreter reads when it starts, not later
 START_TIME_VARIABLES = ("PYTHON", "LD_", "OMP_", "MKL_", "OPENBLAS_", "MALLOC_", "TORCH_")
-# read by OpenMP when torch is imported, and applied again in the fork by torch.set_num_threads
-TORCH_THREADS = "OMP_NUM_THREADS"
 EXIT_UNKNOWN = 255  # asyncio's code for a child whose exit status it cannot learn
 ORPHAN_POLL_S = 0.2
 READY_TIMEOUT_S = 60.0
@@ -412,7 +411,7 @@ class _Server:
             for name in set(env) | set(self.start_env)
             if name.startswith(START_TIME_VARIABLES)
             and env.get(name) != self.start_env.get(name)
-            and not (name == TORCH_THREADS and _torch_threads(env) is not None)
+            and not (name == THREADS_VARIABLE and _torch_threads(env) is not None)
         )
         if changed:
             return f"its environment sets {', '.join(changed)}, read when a process starts"
@@ -494,8 +493,9 @@ def _run_child(request: dict[str, Any], cold: str | None) -> int:
 
 def _torch_threads(env: dict[str, str]) -> int | None:
     """The thread count `env`'s OMP_NUM_THREADS gives torch, when torch is imported here and the
-    value is a count that torch.set_num_threads can apply in the fork; None otherwise."""
-    value = env.get(TORCH_THREADS, "")
+    value is a count that torch.set_num_threads can apply again in the fork (OpenMP read the
+    variable at torch's import); None otherwise."""
+    value = env.get(THREADS_VARIABLE, "")
     if "torch" not in sys.modules or not value.isdecimal() or int(value) < 1:
         return None
     return int(value)
