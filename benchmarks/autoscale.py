@@ -2,7 +2,7 @@
 for a ResNet-50 function (fp16) on one GPU.
 
     python benchmarks/autoscale.py [--modes start ramp] [--repeats 3] [--peak 3000] \\
-        [--ramp-seconds 180] [--processes 8]
+        [--ramp-seconds 180] [--processes 8] [--profile benchmarks/results/profile-resnet50.json]
 
 start:
 - zero-to-first-answer: the function at 0 replicas is scaled to 1, as the gateway does when a
@@ -13,8 +13,9 @@ start:
 The replicas are forked from the provider's fork server (torch and torchvision imported
 already); each one creates its CUDA context, loads the model and warms it up.
 
-ramp: the function with a 50 ms p99 target, its H200 profile (benchmarks/results/
-profile-resnet50.json), `com.openfaas.scale.max` 20 and scale to zero after 30 idle seconds;
+ramp: the function with a 50 ms p99 target, its profile made on the same GPU model (--profile:
+benchmarks/results/profile-resnet50.json is the H200's, profile-resnet50-h100.json the H100's),
+`com.openfaas.scale.max` 20 and scale to zero after 30 idle seconds;
 open-loop Poisson load of one JPEG a request from --processes processes, 50 req/s rising to
 --peak, held, and falling back to 50 over --ramp-seconds, then none; arrivals keep their own
 clock and each request is timed from its scheduled arrival. Per second: the rate offered and
@@ -98,6 +99,12 @@ def main() -> None:
     parser.add_argument("--ramp-seconds", type=float, default=180.0)
     parser.add_argument("--processes", type=int, default=8, help="load generating processes")
     parser.add_argument("--workers", type=int, default=1, help="the provider's --workers")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=REPO / "benchmarks/results/profile-resnet50.json",
+        help="the function's profile, made on this GPU model, for the ramp",
+    )
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results |= {"benchmark": "autoscale", "card": _card()}
@@ -214,7 +221,7 @@ def load_process(url: str, body: bytes, share: float, args: argparse.Namespace, 
 def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> None:
     """The ramp of load against the autoscaled function, second by second; saved once the
     load has been answered, and again when it has scaled to zero and the provider stopped."""
-    profile = json.loads((REPO / "benchmarks/results/profile-resnet50.json").read_text())
+    profile = json.loads(args.profile.read_text())
     function = {
         "image": "fast-gshare/resnet50:0.1.0",
         "annotations": {"fastgshare/gpu_sm_partition": "12", "fastgshare/latency_slo_ms": "50"},
@@ -373,6 +380,7 @@ def _ramp_result(
     static = peak_plan.footprint * seconds
     result = {
         "peak_rps": args.peak,
+        "profile": f"{profile['gpu_model']}: {args.profile.name}",
         "seconds": seconds,
         "seconds_within_target": within,
         "gpu_share_seconds": held,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import Any
 
 import pytest
@@ -30,14 +31,22 @@ from tests.conftest import (
 
 
 class Given:
-    """The call counter and the clock the autoscaler reads, moved by the test."""
+    """The call counter, the latency histogram and the clock the autoscaler reads, moved by
+    the test."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self.calls: dict[str, float] = {}
+        self.latencies: dict[str, dict[float, float]] = {}
 
-    def serve(self, function: str, rps: float, seconds: float) -> None:
-        self.calls[function] = self.calls.get(function, 0.0) + rps * seconds
+    def serve(self, function: str, rps: float, seconds: float, slow: float = 0.0) -> None:
+        """`rps` for `seconds`, `slow` of the calls answered in 0.2 s, the rest in 10 ms."""
+        calls = rps * seconds
+        self.calls[function] = self.calls.get(function, 0.0) + calls
+        buckets = self.latencies.setdefault(function, {0.01: 0.0, 0.2: 0.0, math.inf: 0.0})
+        buckets[0.01] += calls * (1 - slow)
+        buckets[0.2] += calls
+        buckets[math.inf] += calls
         self.now += seconds
 
 
@@ -101,19 +110,27 @@ async def test_replicas_follow_the_rate_then_go_to_zero_when_idle(
 
 
 async def profiled(
-    aiohttp_client: Any, settings: Settings, model: str
+    aiohttp_client: Any,
+    settings: Settings,
+    model: str,
+    measured: tuple[tuple[int, float], ...] = ((25, 40.0), (50, 60.0), (100, 70.0)),
 ) -> tuple[TestClient, Given, Autoscaler]:
-    """STEER at 50% SMs with a 100 ms target and a profile made on `model`, and an autoscaler
-    of this install (a virtual GPU) with a given clock and call counter."""
+    """STEER at 50% SMs with a 100 ms target and a profile made on `model` (req/s a replica
+    at each SM partition of `measured`), and an autoscaler of this install (a virtual GPU)
+    with a given clock, call counter and latency histogram."""
     client, backend = await provider(aiohttp_client, settings)
     share = {"fastgshare/gpu_sm_partition": "50", "fastgshare/latency_slo_ms": "100"}
     assert await faas_cli_deploy(client, {**STEER, "annotations": share}) == 202
     await wait_available(client, "steer")
-    profile = a_profile("steer.openfaas-fn", model, ((25, 40.0), (50, 60.0), (100, 70.0)))
+    profile = a_profile("steer.openfaas-fn", model, measured)
     assert (await client.put("/system/profiles/steer", json=profile)).status == 202
     given = Given()
     autoscaler = Autoscaler(
-        backend, lambda: given.calls, lambda: {"virtual"}, clock=lambda: given.now
+        backend,
+        lambda: given.calls,
+        lambda: {"virtual"},
+        latencies=lambda: given.latencies,
+        clock=lambda: given.now,
     )
     return client, given, autoscaler
 
@@ -143,6 +160,40 @@ async def test_with_a_profile_the_least_footprint_setting_is_applied(
         if s.name == "fast_gshare_autoscaler_footprint_ratio"
     ]  # fmt: skip
     assert footprint == pytest.approx(1.0)
+
+
+async def test_calls_slower_than_the_target_teach_it_to_plan_on_less(
+    aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    measured = ((25, 400.0), (50, 600.0))
+    client, given, autoscaler = await profiled(aiohttp_client, settings, "virtual", measured)
+    caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
+    given.serve("steer.openfaas-fn", 20, 2.0)
+    await autoscaler.tick()  # to 25%: one replica serves 400 x 0.7
+    await wait_available(client, "steer")
+    for _ in range(4):
+        given.serve("steer.openfaas-fn", 250, 2.0)
+        await autoscaler.tick()
+    assert (await status(client, "steer"))["replicas"] == 1, "250 <= 0.7 x 400: one serves it"
+    for _ in range(2):  # 3% of the calls answered after the 100 ms target
+        given.serve("steer.openfaas-fn", 250, 2.0, slow=0.03)
+        await autoscaler.tick()
+    learned = 250 * 0.85 / 0.7
+    assert (
+        f"steer.openfaas-fn serves less than its profile says: 30 of 1500 calls over 6 s "
+        f"missed the target at 250.0 req/s a replica (1 serving), which its plan says one "
+        f"serves: planning on {learned / 400:.0%} of its profile's figures for 300 s "
+        f"({learned:.0f} req/s a replica at 25% SMs, quota 1, not 400)"
+    ) in caplog.text
+    after = await wait_available(client, "steer", 2)
+    assert after["annotations"]["fastgshare/gpu_sm_partition"] == "25"
+    samples = {
+        (s.name, s.labels.get("action")): s.value
+        for family in autoscaler.collector().collect()
+        for s in family.samples
+    }
+    assert samples[("fast_gshare_autoscaler_learned_ratio", None)] == pytest.approx(learned / 400)
+    assert samples[("fast_gshare_autoscaler_decisions_total", "learned")] == 1
 
 
 async def test_a_profile_of_another_gpu_model_is_not_applied(

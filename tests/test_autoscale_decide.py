@@ -1,7 +1,7 @@
 """The autoscaler's decisions with numbers: the least footprint that serves a rate, a setting
 kept unless another saves enough, the OpenFaaS bounds, and the stable and panic windows over
 steady, flapping, bursting, ramping and idle rates, with synthetic profiles and the one recorded
-on an H200."""
+on an H200; and what calls slower than the target teach it, and what they do not."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 
 from faas_provider.autoscale.decide import (
     LEAD_S,
+    LEARNED_HOLD_S,
     PANIC_WINDOW_S,
     STABLE_WINDOW_S,
+    Decision,
     FunctionScaler,
     ScaleBounds,
     Setting,
@@ -212,3 +214,93 @@ def test_decisions_from_the_recorded_h200_profile() -> None:
     asked = run(FunctionScaler(bounds, capacities), ramp + list(reversed(ramp)) + [50.0] * 40)
     rising = asked[: len(ramp)]
     assert rising == sorted(rising) and max(asked) == 4 and asked[-1] == 1, asked
+
+
+class Fed:
+    """A scaler with one setting, AT, fed a call counter and a slow-call counter, tick by
+    tick."""
+
+    AT = Setting(25, 1.0, 4)  # 450 req/s a replica within the target, as CAPACITIES say
+
+    def __init__(self) -> None:
+        self.scaler = FunctionScaler(BOUNDS, [CAPACITIES[2]])
+        self.now = self.calls = self.slow = 0.0
+        self.desired = 1
+        self.scaler.observe(0.0, 0.0, 0.0)
+
+    def feed(
+        self, ticks: int, rate: float, slow_ratio: float = 0.0, ready: int | None = None
+    ) -> list[Decision]:
+        """`ticks` of 2 s at `rate` req/s, `slow_ratio` of them slower than the target, with
+        `ready` replicas serving (None: what was asked, at once)."""
+        decisions = []
+        for _ in range(ticks):
+            self.now += 2.0
+            self.calls += rate * 2.0
+            self.slow += rate * 2.0 * slow_ratio
+            self.scaler.observe(self.now, self.calls, self.slow)
+            serving = self.desired if ready is None else ready
+            decision = self.scaler.decide(self.now, serving, self.AT, self.desired)
+            self.desired = decision.plan.replicas
+            decisions.append(decision)
+        return decisions
+
+
+def test_misses_at_a_load_its_plan_serves_teach_what_a_replica_serves_here() -> None:
+    fed = Fed()
+    assert {d.plan.replicas for d in fed.feed(40, 300.0)} == {1}, "300 <= 0.7 x 450"
+    missed = fed.feed(3, 300.0, slow_ratio=0.03)
+    (lesson,) = [d.learned for d in missed if d.learned]
+    # 300 req/s a replica missed: planned at 85% of that, it serves 300 x 0.85 / 0.7
+    assert lesson.throughput_rps == pytest.approx(300 * 0.85 / 0.7)
+    assert lesson.profiled_rps == 450 and (lesson.sm_percent, lesson.quota) == (25, 1.0)
+    (why,) = [d.learned_why for d in missed if d.learned]
+    assert "missed the target at 300.0 req/s a replica (1 serving)" in why
+    assert "planning on 81% of its profile's figures for 300 s (364 req/s a replica" in why
+    assert missed[-1].plan.replicas == 2, "300 req/s at 0.7 x 364 a replica"
+    held = fed.feed(int(LEARNED_HOLD_S / 2) - 10, 300.0)
+    assert {d.plan.replicas for d in held} == {2}, "it holds while the lesson does"
+    after = fed.feed(20, 300.0)
+    assert after[-1].plan.replicas == 1 and not fed.scaler.learned, "then the profile again"
+
+
+def test_a_lesson_applies_to_every_setting_of_the_profile() -> None:
+    scaler = FunctionScaler(BOUNDS, CAPACITIES)
+    scaler.observe(0.0, 0.0, 0.0)
+    for now in range(2, 82, 2):  # 300 req/s at 25%, quota 1; the last 3 ticks 3% slow
+        scaler.observe(now, 300.0 * now, 300.0 * 2 * 0.03 * max(0, (now - 74) // 2))
+        decision = scaler.decide(now, 1, Fed.AT, 1)
+    assert scaler.learned is not None
+    planned = {(c.sm_percent, c.quota): c.throughput_rps for c in scaler.planned_capacities(80)}
+    ratio = 300 * 0.85 / 0.7 / 450
+    assert planned == {(c.sm_percent, c.quota): pytest.approx(c.throughput_rps * ratio)
+                       for c in CAPACITIES}  # fmt: skip
+    assert decision.plan.serves_rps * 0.7 >= 300
+
+
+def test_misses_while_the_load_outruns_the_replicas_teach_nothing() -> None:
+    fed = Fed()
+    fed.feed(40, 300.0)
+    # 800 req/s on the one replica still serving: past its plan, which more replicas are for
+    outran = fed.feed(10, 800.0, slow_ratio=0.2, ready=1)
+    assert not any(d.learned for d in outran) and not fed.scaler.learned
+    assert outran[-1].plan.replicas == math.ceil(800 / (450 * 0.7))
+
+
+def test_too_few_calls_are_not_judged() -> None:
+    fed = Fed()
+    few = fed.feed(40, 20.0, slow_ratio=0.5)  # 120 calls a window
+    assert not any(d.learned for d in few)
+
+
+def test_a_lesson_waits_for_the_replicas_it_asked_for_and_never_goes_below_half() -> None:
+    fed = Fed()
+    fed.feed(40, 300.0)
+    lessons = [d.learned for d in fed.feed(30, 300.0, slow_ratio=0.05) if d.learned]
+    first, second = lessons
+    # the second replica came at once: the windows that still hold the first misses, shared
+    # by two, would teach less again; only a window that began LEAD_S after the lesson does
+    assert second.learned_at - PANIC_WINDOW_S >= first.learned_at + LEAD_S
+    assert second.learned_at - PANIC_WINDOW_S < first.learned_at + LEAD_S + 2.0
+    # missed at 150 req/s a replica: 150 x 0.85 / 0.7 = 182 is below half of 450
+    assert second.ratio == 0.5 and second.throughput_rps == 225, "never below half the profile"

@@ -1,8 +1,10 @@
 """The provider's /metrics as a real Prometheus sees it (tests/prom.py): known traffic is sent,
-and the values are read back through Prometheus' query API, as a dashboard reads them."""
+and the values are read back through Prometheus' query API, as a dashboard reads them; and the
+latency histogram as the autoscaler reads it, every worker's calls summed."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from faas_provider.api.app import create_app
 from faas_provider.backends.local.backend import LocalBackend
 from faas_provider.gpu.discovery import GpuDevice
 from faas_provider.gpu.readings import GpuReader
+from faas_provider.metrics import ProviderMetrics
 from faas_provider.node.agent import NodeAgent
 from faas_provider.settings import Settings
 from tests.conftest import ECHO, faas_cli_deploy, wait_available
@@ -59,6 +62,19 @@ async def test_invocations_are_counted_per_function_and_code_in_prometheus(
             f"fast_gshare_function_invocation_duration_seconds_bucket{{{ECHO_NAME}}}))"
         )
         assert 0 < await server.value(latency) < 30, "p99 latency is answerable from the buckets"
+
+
+def test_the_autoscaler_reads_every_workers_calls_by_how_long_they_took() -> None:
+    provider, worker = ProviderMetrics(), ProviderMetrics("/function/")
+    for seconds in (0.004, 0.004, 0.04, 0.06):
+        provider.invoked("steer", "openfaas-fn", 200, seconds)
+    worker.invoked("steer", "openfaas-fn", 200, 0.3)
+    worker.invoked("echo", "openfaas-fn", 200, 0.001)
+    provider.report("1234", worker.exposition().decode())
+    latencies = provider.latencies()
+    steer = latencies["steer.openfaas-fn"]
+    assert (steer[0.005], steer[0.05], steer[0.075], steer[0.3], steer[math.inf]) == (2, 3, 4, 5, 5)
+    assert latencies["echo.openfaas-fn"][0.005] == 1
 
 
 async def test_replicas_desired_available_and_pending_per_function(

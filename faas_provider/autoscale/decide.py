@@ -14,6 +14,14 @@ tick's, would serve (LEAD_S); that projected rate both enters panic and sizes it
 it does not scale down while the panic window asks for more than the stable one. Scale to zero
 after the idle period when `com.openfaas.scale.zero` allows it. The cluster simulator runs
 this same code.
+
+A profile measures one replica alone on its GPU; packed beside others (memory bandwidth, caches,
+the host's CPUs) a replica may serve less within the target. So the scaler also reads how many
+calls were slower than the target: when more than SLOW_RATIO of a panic window's calls were,
+at a load a replica that its plan says it serves (not a load that outran the scaling), it
+learns what one replica of that setting serves here (the load it missed at, less a margin) and
+plans every setting at that share of its profile's figure, for LEARNED_HOLD_S after the miss
+that taught it (interference slows a replica whatever its setting).
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ PANIC_WINDOW_S = 6.0
 PANIC_THRESHOLD = 2.0  # panic when the panic window asks for 200% of the ready replicas
 LEAD_S = 5.0  # how far ahead a rising load is carried: a replica's start (3 s) and a tick (2 s)
 SETTING_CHANGE_SAVING = 0.2  # change the setting (new replicas) only to save 20% of footprint
+SLOW_RATIO = 0.01  # a window whose calls are more than 1% slower than the target missed its p99
+MIN_CALLS_JUDGED = 200  # the calls a window needs before its p99 is judged
+LEARNED_MARGIN = 0.85  # a replica is planned to carry at most 85% of the load it missed at
+LEARNED_FLOOR = 0.5  # and is never taken to serve less than half its profile's figure
+LEARNED_HOLD_S = 300.0  # how long a learned figure holds after the last miss that lowered it
 DEFAULT_MAX_REPLICAS = 20  # OpenFaaS's default for com.openfaas.scale.max
 DEFAULT_TARGET_RPS = 50.0  # OpenFaaS's default com.openfaas.scale.target (type rps)
 DEFAULT_ZERO_DURATION_S = 15 * 60.0  # OpenFaaS's default com.openfaas.scale.zero-duration
@@ -157,6 +170,35 @@ def _option(rate_rps: float, capacity: Capacity, floor: int, bounds: ScaleBounds
 
 
 @dataclass(frozen=True)
+class Learned:
+    """What the function's replicas were seen to serve within the target here, against what
+    its profile says: the ratio it plans every setting's figure at, and why."""
+
+    sm_percent: int  # the setting it was seen at
+    quota: float
+    throughput_rps: float  # what one replica of that setting serves here
+    profiled_rps: float  # what the profile says it serves
+    learned_at: float
+
+    @property
+    def ratio(self) -> float:
+        return self.throughput_rps / self.profiled_rps
+
+    @property
+    def until(self) -> float:
+        """When the profile's figures are back."""
+        return self.learned_at + LEARNED_HOLD_S
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"planning on {self.ratio:.0%} of its profile's figures for {LEARNED_HOLD_S:g} s "
+            f"({self.throughput_rps:.0f} req/s a replica at {self.sm_percent}% SMs, quota "
+            f"{self.quota:g}, not {self.profiled_rps:.0f})"
+        )
+
+
+@dataclass(frozen=True)
 class Decision:
     """What the autoscaler asks of one function at one tick."""
 
@@ -164,6 +206,11 @@ class Decision:
     panic: bool
     stable_rps: float
     panic_rps: float
+    learned: Learned | None = None  # what this tick learned, if it learned something
+    learned_why: str = ""
+
+
+Sample = tuple[float, float, float]  # (time, calls so far, of them slower than the target)
 
 
 class FunctionScaler:
@@ -172,18 +219,21 @@ class FunctionScaler:
     def __init__(self, bounds: ScaleBounds, capacities: list[Capacity]) -> None:
         self.bounds = bounds
         self.capacities = capacities
-        self._counts: deque[tuple[float, float]] = deque()  # (time, calls so far)
+        self.learned: Learned | None = None  # in place of the profile's figures, while it holds
+        self._counts: deque[Sample] = deque()
+        self._ready: deque[tuple[float, int]] = deque()  # (time, replicas ready)
         self._panic_until: float | None = None  # in panic until then, unless it triggers again
         self._last_call = 0.0  # when calls were last seen arriving
         self._started: float | None = None
 
-    def observe(self, now: float, calls_total: float) -> None:
-        """Record the function's call counter (a total that only grows) at `now`."""
+    def observe(self, now: float, calls_total: float, slow_total: float = 0.0) -> None:
+        """Record the function's call counter (a total that only grows) at `now`, and how many
+        of those calls were slower than its latency target."""
         if self._started is None:
             self._started = self._last_call = now
         if self._counts and calls_total > self._counts[-1][1]:
             self._last_call = now
-        self._counts.append((now, calls_total))
+        self._counts.append((now, calls_total, slow_total))
         while len(self._counts) > 2 and self._counts[1][0] <= now - STABLE_WINDOW_S:
             self._counts.popleft()
 
@@ -214,9 +264,21 @@ class FunctionScaler:
         last_rate, last_middle = thirds[-1]
         return max(whole, last_rate + rise_per_s * (now - last_middle + LEAD_S))
 
-    def _sample_before(self, time_: float) -> tuple[float, float]:
-        """The last (time, calls) recorded at or before `time_`, or the first one."""
-        found = self._counts[0] if self._counts else (time_, 0.0)
+    def planned_capacities(self, now: float) -> list[Capacity]:
+        """The profile's capacities, at the ratio learned since where a lesson holds."""
+        if self.learned is not None and self.learned.until <= now:
+            self.learned = None
+        if self.learned is None:
+            return self.capacities
+        ratio = self.learned.ratio
+        return [
+            c.model_copy(update={"throughput_rps": c.throughput_rps * ratio})
+            for c in self.capacities
+        ]
+
+    def _sample_before(self, time_: float) -> Sample:
+        """The last sample recorded at or before `time_`, or the first one."""
+        found = self._counts[0] if self._counts else (time_, 0.0, 0.0)
         for sample in self._counts:
             if sample[0] > time_:
                 break
@@ -224,18 +286,58 @@ class FunctionScaler:
         return found
 
     @staticmethod
-    def _rate_between(start: tuple[float, float], end: tuple[float, float]) -> float:
+    def _rate_between(start: Sample, end: Sample) -> float:
         span = end[0] - start[0]
         return max(0.0, end[1] - start[1]) / span if span > 0 else 0.0
+
+    def _learn(self, now: float, ready: int, current: Setting | None) -> tuple[Learned, str] | None:
+        """What the panic window teaches, and why: None unless more than SLOW_RATIO of its
+        calls missed the target at a load `current`'s replicas were planned to serve."""
+        self._ready.append((now, ready))
+        while self._ready[0][0] < now - PANIC_WINDOW_S:
+            self._ready.popleft()
+        if current is None or not self._counts:
+            return None
+        key = (current.sm_percent, current.quota)
+        profiled = next((c for c in self.capacities if (c.sm_percent, c.quota) == key), None)
+        start, end = self._sample_before(now - PANIC_WINDOW_S), self._counts[-1]
+        calls, slow = end[1] - start[1], end[2] - start[2]
+        serving = min(r for _, r in self._ready)  # the misses came where the fewest served
+        if profiled is None or serving == 0 or calls < MIN_CALLS_JUDGED:
+            return None
+        if slow <= SLOW_RATIO * calls:
+            return None
+        held = self.learned
+        if held is not None and start[0] < held.learned_at + LEAD_S:
+            return None  # the window began before the replicas asked for then were ready
+        per_replica = self._rate_between(start, end) / serving
+        planned = profiled.throughput_rps * (held.ratio if held else 1.0)
+        learned_rps = max(
+            per_replica * LEARNED_MARGIN / TARGET_UTILISATION,
+            profiled.throughput_rps * LEARNED_FLOOR,
+        )
+        if learned_rps >= planned:
+            return None  # the load outran the replicas: what scaling is for, not a lesson
+        self.learned = Learned(
+            current.sm_percent, current.quota, learned_rps, profiled.throughput_rps, now
+        )
+        why = (
+            f"{slow:.0f} of {calls:.0f} calls over {PANIC_WINDOW_S:g} s missed the target at "
+            f"{per_replica:.1f} req/s a replica ({serving} serving), which its plan says one "
+            f"serves: {self.learned.reason}"
+        )
+        return self.learned, why
 
     def decide(self, now: float, ready: int, current: Setting | None, desired: int) -> Decision:
         """The plan at `now`, with `ready` replicas serving, at setting `current`, `desired`
         asked for so far."""
+        lesson = self._learn(now, ready, current)
+        capacities = self.planned_capacities(now)
         stable = self.rate(now, STABLE_WINDOW_S)
         panic_rate = self.rate(now, PANIC_WINDOW_S)
-        stable_plan = plan(stable, self.capacities, self.bounds, current)
+        stable_plan = plan(stable, capacities, self.bounds, current)
         ahead = self.projected_rate(now, panic_rate)
-        panic_plan = plan(ahead, self.capacities, self.bounds, current)
+        panic_plan = plan(ahead, capacities, self.bounds, current)
         if ahead > panic_rate:  # a ramp: the plan is for where it goes
             panic_plan = Plan(
                 panic_plan.replicas,
@@ -277,7 +379,8 @@ class FunctionScaler:
         idle = stable == 0 and panic_rate == 0 and idle_s >= self.bounds.zero_duration_s
         if self.bounds.zero and idle and chosen.replicas > 0:
             chosen = Plan(0, chosen.setting, 0.0, f"idle for {idle_s:.0f} s: scaled to zero")
-        return Decision(chosen, panicking, stable, panic_rate)
+        learned, why = lesson if lesson else (None, "")
+        return Decision(chosen, panicking, stable, panic_rate, learned, why)
 
 
 def _positive(labels: Mapping[str, str], label: str, default: float) -> float:

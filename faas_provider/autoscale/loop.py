@@ -8,13 +8,17 @@ keep the replicas they are given (the OpenFaaS scale API and the gateway's scale
 work for all). With a profile of the GPU model the install has, it picks the setting too: a
 new setting is a new share of the GPU, so it updates the function (its annotations), whose new
 replicas are ready before the old ones go, then scales. Without one it scales replicas alone,
-and says so once. Every decision is a log line with its reason, and shows in /metrics.
+and says so once. It also reads how many calls were slower than the function's target (the
+proxy's latency histogram, at the largest bound at or below the target), from which the
+scaler learns what a replica serves here when that is less than the profile says. Every
+decision is a log line with its reason, and shows in /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from faas_provider.autoscale.decide import (
     SCALE_ZERO_LABEL,
     Decision,
     FunctionScaler,
+    Learned,
     ScaleBounds,
     Setting,
 )
@@ -90,6 +95,16 @@ class _Followed:
     profile_read_at: float = float("-inf")
     last: Decision | None = None
     told_no_profile: bool = False
+    target_s: float | None = None  # its latency target
+
+
+def _slower_than(latencies: dict[float, float], target_s: float | None) -> float:
+    """Calls answered later than the largest bucket bound at or below `target_s` (0 without a
+    target, or one below every bound)."""
+    within = [bound for bound in latencies if target_s is not None and bound <= target_s]
+    if not within:
+        return 0.0
+    return latencies.get(math.inf, 0.0) - latencies[max(within)]
 
 
 class Autoscaler:
@@ -100,20 +115,24 @@ class Autoscaler:
         backend: Backend,
         calls: Callable[[], dict[str, float]],
         gpu_models: Callable[[], set[str]],
+        latencies: Callable[[], dict[str, dict[float, float]]] = dict,
         tick_s: float = TICK_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`calls`: each function's (`name.namespace`) calls answered so far; `gpu_models`:
-        the models of the install's GPUs."""
+        the models of the install's GPUs; `latencies`: each function's calls answered so far
+        by bucket of how long they took (ProviderMetrics.latencies)."""
         self._backend = backend
         self._calls = calls
         self._gpu_models = gpu_models
+        self._latencies = latencies
         self._tick_s = tick_s
         self._clock = clock
         self._followed: dict[str, _Followed] = {}
         self.decisions = Counter(
             "fast_gshare_autoscaler_decisions",
-            "Changes the autoscaler made to a function, by action: up, down, zero, setting",
+            "Changes the autoscaler made to a function, by action: up, down, zero, setting, "
+            "learned (it plans on less than the profile says)",
             ["function_name", "action"],
             registry=None,
         )
@@ -134,6 +153,7 @@ class Autoscaler:
         """One look at every autoscaled function, and what it asks of the backend."""
         now = self._clock()
         calls = self._calls()
+        latencies = self._latencies()
         seen = set()
         for namespace in await self._backend.list_namespaces():
             for status in await self._backend.list_functions(namespace):
@@ -141,12 +161,19 @@ class Autoscaler:
                     continue
                 function = f"{status.name}.{status.namespace}"
                 seen.add(function)
-                await self._follow(now, function, status, calls.get(function, 0.0))
+                await self._follow(
+                    now, function, status, calls.get(function, 0.0), latencies.get(function, {})
+                )
         for gone in set(self._followed) - seen:
             del self._followed[gone]
 
     async def _follow(
-        self, now: float, function: str, status: FunctionStatus, calls: float
+        self,
+        now: float,
+        function: str,
+        status: FunctionStatus,
+        calls: float,
+        latencies: dict[float, float],
     ) -> None:
         try:
             bounds = ScaleBounds.from_labels(status.labels)
@@ -158,11 +185,18 @@ class Autoscaler:
             followed = self._followed[function] = _Followed(FunctionScaler(bounds, []))
         followed.scaler.bounds = bounds
         await self._read_profile(now, function, status, followed)
-        followed.scaler.observe(now, calls)
+        followed.scaler.observe(now, calls, _slower_than(latencies, followed.target_s))
         deployment = deployment_of(status)
         current = current_setting(deployment, followed.scaler.capacities)
         decision = followed.scaler.decide(now, status.available_replicas, current, status.replicas)
         followed.last = decision
+        if decision.learned is not None:
+            log.info(
+                "autoscaler: %s serves less than its profile says: %s",
+                function,
+                decision.learned_why,
+            )
+            self.decisions.labels(function, "learned").inc()
         wanted = decision.plan
         if wanted.setting is not None and current is not None and wanted.setting != current:
             # current is the capacity of its SM partition and quota: a change is a new share
@@ -214,6 +248,8 @@ class Autoscaler:
         except NotFound:
             profile = None
         target = status.annotations.get(LATENCY_SLO)
+        slo = float(target) if target is not None else (profile.latency_slo_ms if profile else None)
+        followed.target_s = slo / 1000 if slo else None
         capacities: list[Capacity] = []
         why = ""
         if profile is None:
@@ -225,8 +261,7 @@ class Autoscaler:
         elif SM_PARTITION not in status.annotations:
             why = "it has no GPU share to set"
         else:
-            slo = float(target) if target is not None else profile.latency_slo_ms
-            assert slo is not None
+            assert slo
             capacities = profile.capacities(slo)
             if not capacities:
                 why = f"no setting of its profile met p99 <= {slo:g} ms"
@@ -252,6 +287,14 @@ class Autoscaler:
     def last_decisions(self) -> dict[str, Decision]:
         """The last decision for each function followed, by `name.namespace`."""
         return {f: followed.last for f, followed in self._followed.items() if followed.last}
+
+    def learned(self) -> dict[str, Learned]:
+        """The lessons the autoscaler plans on in place of profiles, by `name.namespace`."""
+        return {
+            f: followed.scaler.learned
+            for f, followed in self._followed.items()
+            if followed.scaler.learned is not None
+        }
 
     def collector(self) -> Collector:
         """What /metrics shows of the autoscaler: its last decision per function."""
@@ -284,10 +327,25 @@ class _AutoscalerCollector(Collector):
             "Whether the autoscaler is in panic for a function (a burst: it does not scale down)",
             labels=("function_name",),
         )
+        learned = GaugeMetricFamily(
+            "fast_gshare_autoscaler_learned_ratio",
+            "The share of its profile's figures a function's replicas were seen to serve within "
+            "its target, which the autoscaler plans on while the lesson holds",
+            labels=("function_name",),
+        )
+        for function, lesson in sorted(self._autoscaler.learned().items()):
+            learned.add_metric((function,), lesson.ratio)
         for function, decision in sorted(self._autoscaler.last_decisions().items()):
             desired.add_metric((function,), decision.plan.replicas)
             footprint.add_metric((function,), decision.plan.footprint)
             rate.add_metric((function, "stable"), decision.stable_rps)
             rate.add_metric((function, "panic"), decision.panic_rps)
             panic.add_metric((function,), int(decision.panic))
-        return [desired, footprint, rate, panic, *self._autoscaler.decisions.collect()]
+        return [
+            desired,
+            footprint,
+            rate,
+            panic,
+            learned,
+            *self._autoscaler.decisions.collect(),
+        ]
