@@ -22,7 +22,9 @@ stable and panic windows) and placement (gpu/placement.py: Placer), the first tw
 the one setting they allow. A new replica serves --replica-start-s after it is asked for (3 s:
 2.8 s measured on an H200 for 1 to 3 ResNet-50 replicas, forked from the fork server); a
 request misses its target when it comes while its function has no replica ready, or past what
-the ready replicas serve within the target (their profile's throughput at p99 <= target).
+the ready replicas serve within the target (their profile's throughput at p99 <= target). The
+scaler is told of those misses as the provider tells it of slow calls; here replicas serve
+what their profile says, so the misses come from load that outran them and teach it nothing.
 GPUs in use: those holding a replica.
 
 Prints a table, writes benchmarks/results/cluster_sim.json and cluster_sim.png (or under --out).
@@ -76,6 +78,7 @@ class Function:
     scaler: FunctionScaler
     replicas: list[Replica] = field(default_factory=list)
     calls: float = 0.0
+    slow: float = 0.0  # calls that missed the target
     next_key: int = 0
 
 
@@ -161,7 +164,8 @@ def simulate(strategy: str, args: argparse.Namespace, profiles: list[Profile]) -
             total += arrivals
             missed += arrivals - served
             f.calls += arrivals
-            f.scaler.observe(now, f.calls)
+            f.slow += arrivals - served
+            f.scaler.observe(now, f.calls, f.slow)
             current = f.replicas[0].setting if f.replicas else None
             decision = f.scaler.decide(now, len(ready), current, len(f.replicas))
             _apply(f, decision.plan.replicas, decision.plan.setting, now, args, placer, strategy)

@@ -181,7 +181,7 @@ async def test_calls_slower_than_the_target_teach_it_to_plan_on_less(
     learned = 250 * 0.85 / 0.7
     assert (
         f"steer.openfaas-fn serves less than its profile says: 30 of 1500 calls over 6 s "
-        f"missed the target at 250.0 req/s a replica (1 serving), which its plan says one "
+        f"missed the target at 250.0 req/s a replica at most (1 serving), which its plan says one "
         f"serves: planning on {learned / 400:.0%} of its profile's figures for 300 s "
         f"({learned:.0f} req/s a replica at 25% SMs, quota 1, not 400)"
     ) in caplog.text

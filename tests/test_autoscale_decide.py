@@ -255,7 +255,7 @@ def test_misses_at_a_load_its_plan_serves_teach_what_a_replica_serves_here() -> 
     assert lesson.throughput_rps == pytest.approx(300 * 0.85 / 0.7)
     assert lesson.profiled_rps == 450 and (lesson.sm_percent, lesson.quota) == (25, 1.0)
     (why,) = [d.learned_why for d in missed if d.learned]
-    assert "missed the target at 300.0 req/s a replica (1 serving)" in why
+    assert "missed the target at 300.0 req/s a replica at most (1 serving)" in why
     assert "planning on 81% of its profile's figures for 300 s (364 req/s a replica" in why
     assert missed[-1].plan.replicas == 2, "300 req/s at 0.7 x 364 a replica"
     held = fed.feed(int(LEARNED_HOLD_S / 2) - 10, 300.0)
@@ -285,6 +285,13 @@ def test_misses_while_the_load_outruns_the_replicas_teach_nothing() -> None:
     outran = fed.feed(10, 800.0, slow_ratio=0.2, ready=1)
     assert not any(d.learned for d in outran) and not fed.scaler.learned
     assert outran[-1].plan.replicas == math.ceil(800 / (450 * 0.7))
+    # a burst in the window's last 2 s: over the 6 s, 267 req/s a replica, within its plan;
+    # at the burst, 600, past it
+    burst = Fed()
+    burst.feed(40, 100.0)
+    burst.feed(2, 100.0)
+    (at_burst,) = burst.feed(1, 600.0, slow_ratio=0.3, ready=1)
+    assert at_burst.learned is None and burst.scaler.learned is None
 
 
 def test_too_few_calls_are_not_judged() -> None:

@@ -290,11 +290,34 @@ class FunctionScaler:
         span = end[0] - start[0]
         return max(0.0, end[1] - start[1]) / span if span > 0 else 0.0
 
+    def _busiest(self, since: float) -> tuple[float, int]:
+        """The most calls a second one replica carried between two samples since `since`, and
+        how many served then (the fewest ready at either end): infinite where none did."""
+        samples = [sample for sample in self._counts if sample[0] >= since]
+        busiest, serving_then = 0.0, 0
+        for a, b in itertools.pairwise(samples):
+            serving = min(self._ready_at(a[0]), self._ready_at(b[0]))
+            rate = self._rate_between(a, b)
+            per_replica = rate / serving if serving else (math.inf if rate else 0.0)
+            if per_replica >= busiest:
+                busiest, serving_then = per_replica, serving
+        return busiest, serving_then
+
+    def _ready_at(self, time_: float) -> int:
+        """The replicas ready at the last decision at or before `time_` (or the first kept)."""
+        found = self._ready[0][1]
+        for at, ready in self._ready:
+            if at > time_:
+                break
+            found = ready
+        return found
+
     def _learn(self, now: float, ready: int, current: Setting | None) -> tuple[Learned, str] | None:
         """What the panic window teaches, and why: None unless more than SLOW_RATIO of its
-        calls missed the target at a load `current`'s replicas were planned to serve."""
+        calls missed the target while `current`'s replicas carried, even at the window's
+        busiest, a load they were planned to serve."""
         self._ready.append((now, ready))
-        while self._ready[0][0] < now - PANIC_WINDOW_S:
+        while len(self._ready) > 1 and self._ready[1][0] <= now - PANIC_WINDOW_S:
             self._ready.popleft()
         if current is None or not self._counts:
             return None
@@ -302,15 +325,12 @@ class FunctionScaler:
         profiled = next((c for c in self.capacities if (c.sm_percent, c.quota) == key), None)
         start, end = self._sample_before(now - PANIC_WINDOW_S), self._counts[-1]
         calls, slow = end[1] - start[1], end[2] - start[2]
-        serving = min(r for _, r in self._ready)  # the misses came where the fewest served
-        if profiled is None or serving == 0 or calls < MIN_CALLS_JUDGED:
-            return None
-        if slow <= SLOW_RATIO * calls:
+        if profiled is None or calls < MIN_CALLS_JUDGED or slow <= SLOW_RATIO * calls:
             return None
         held = self.learned
         if held is not None and start[0] < held.learned_at + LEAD_S:
             return None  # the window began before the replicas asked for then were ready
-        per_replica = self._rate_between(start, end) / serving
+        per_replica, serving = self._busiest(start[0])
         planned = profiled.throughput_rps * (held.ratio if held else 1.0)
         learned_rps = max(
             per_replica * LEARNED_MARGIN / TARGET_UTILISATION,
@@ -323,8 +343,8 @@ class FunctionScaler:
         )
         why = (
             f"{slow:.0f} of {calls:.0f} calls over {PANIC_WINDOW_S:g} s missed the target at "
-            f"{per_replica:.1f} req/s a replica ({serving} serving), which its plan says one "
-            f"serves: {self.learned.reason}"
+            f"{per_replica:.1f} req/s a replica at most ({serving} serving), which its plan "
+            f"says one serves: {self.learned.reason}"
         )
         return self.learned, why
 
