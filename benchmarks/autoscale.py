@@ -21,7 +21,8 @@ open-loop Poisson load of one JPEG a request from --processes processes, 50 req/
 clock and each request is timed from its scheduled arrival. Per second: the rate offered and
 answered; the p99 of the requests sent in it end to end, of their time in the replica
 (X-Duration-Seconds) and of their wait for a gate token (the gate's Server-Timing); the
-replicas and the GPU footprint the autoscaler planned, and how busy the machine's CPUs were.
+replicas and the GPU footprint they hold (the autoscaler's plan, less replicas waiting for GPU
+room), and how busy the machine's CPUs were.
 Reported: the share of seconds past the ramp's first 10 whose p99 was within the target, the
 GPU-share-seconds held against a deployment sized for the peak, when it scaled to zero, each
 failed request (its second, its status; 0 for no answer), and the autoscaler's decisions and
@@ -255,7 +256,7 @@ def ramp(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> No
             reported, result, cpu = 0, None, CpuBusy()
             while (t := time.time() - began) < args.ramp_seconds + IDLE_WAIT_S:
                 timeline.append({"t": t, "cpu_busy": cpu.busy()} | _look(base))
-                replicas, footprint = timeline[-1]["replicas"], timeline[-1]["footprint"]
+                replicas, footprint = timeline[-1]["replicas"], timeline[-1]["held"]
                 while reported < len(workers) and not out.empty():
                     calls += out.get()
                     reported += 1
@@ -329,19 +330,23 @@ def _look(base: str) -> dict[str, float]:
             text = answer.read().decode()
     except (urllib.error.URLError, TimeoutError) as error:
         print(f"  /metrics did not answer: {error}", flush=True)
-        return dict.fromkeys(["replicas", *LOOKED.values()], float("nan"))
+        return dict.fromkeys(["replicas", "held", *LOOKED.values()], float("nan"))
     seen = dict.fromkeys(["replicas", *LOOKED.values()], 0.0)
+    pending = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.labels.get("function_name") != "resnet50.openfaas-fn":
                 continue
             if sample.name in LOOKED:
                 seen[LOOKED[sample.name]] += sample.value
-            elif (
-                sample.name == "fast_gshare_function_replicas"
-                and sample.labels["state"] == "desired"
-            ):
-                seen["replicas"] = sample.value
+            elif sample.name == "fast_gshare_function_replicas":
+                if sample.labels["state"] == "desired":
+                    seen["replicas"] = sample.value
+                elif sample.labels["state"] == "pending":
+                    pending = sample.value
+    # what the placed replicas hold: one waiting for GPU room holds none
+    placed = seen["replicas"] - pending
+    seen["held"] = seen["footprint"] * placed / seen["replicas"] if seen["replicas"] else 0.0
     return seen
 
 
@@ -374,7 +379,7 @@ def _ramp_result(
                            "gate_p99_ms": _p99_ms([call[4] for call in ok])})  # fmt: skip
     judged = [s for s in per_second if s["second"] >= SETTLE_S]
     within = sum(1 for s in judged if s["p99_ms"] <= 50 and not s["failed"]) / len(judged)
-    held = _integral(timeline, "footprint", seconds)
+    held = _integral(timeline, "held", seconds)
     capacities = Profile.model_validate(profile).capacities(50)
     peak_plan = plan(args.peak, capacities, ScaleBounds(max_replicas=20))
     static = peak_plan.footprint * seconds
@@ -458,7 +463,8 @@ def _plot(result: dict[str, Any]) -> None:
     latency.set_ylabel("ms")
     latency.legend()
     times = [entry["t"] for entry in result["timeline"]]
-    footprint.plot(times, [entry["footprint"] for entry in result["timeline"]], label="footprint")
+    footprint.plot(times, [entry.get("held", entry["footprint"]) for entry in result["timeline"]],
+                   label="footprint held")  # fmt: skip
     footprint.plot(times, [entry["replicas"] / 10 for entry in result["timeline"]],
                    label="replicas / 10")  # fmt: skip
     footprint.plot(times, [entry.get("cpu_busy", math.nan) for entry in result["timeline"]],
