@@ -17,11 +17,12 @@ this same code.
 
 A profile measures one replica alone on its GPU; packed beside others (memory bandwidth, caches,
 the host's CPUs) a replica may serve less within the target. So the scaler also reads how many
-calls were slower than the target: when more than SLOW_RATIO of a panic window's calls were,
-at a load a replica that its plan says it serves (not a load that outran the scaling), it
-learns what one replica of that setting serves here (the load it missed at, less a margin) and
-plans every setting at that share of its profile's figure, for LEARNED_HOLD_S after the miss
-that taught it (interference slows a replica whatever its setting).
+calls were slower than the target. When more than SLOW_RATIO of a panic window's calls were,
+while each replica carried, even at the window's busiest, no more than its plan says one
+serves (not a load that outran the scaling), it learns what one replica of that setting serves
+here (the load it missed at, less a margin) and plans every setting at that share of its
+profile's figure, for LEARNED_HOLD_S after the miss that taught it (interference slows a
+replica whatever its setting).
 """
 
 from __future__ import annotations
