@@ -96,17 +96,6 @@ class ProviderMetrics:
         """The workers' last reports."""
         return list(self._reports.values())
 
-    def calls(self) -> dict[str, float]:
-        """Each function's (`name.namespace`) invocations answered so far, every process's."""
-        found: dict[str, float] = {}
-        for family in _Summed(self).collect():
-            if family.name == "fast_gshare_function_invocations":
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        function = sample.labels["function_name"]
-                        found[function] = found.get(function, 0.0) + sample.value
-        return found
-
     def latencies(self) -> dict[str, dict[float, float]]:
         """Each function's invocations answered so far by how long they took, every
         process's: {bucket bound in seconds: calls answered within it}, +Inf holding all."""

@@ -1,5 +1,5 @@
 """The autoscaler applying its decisions through a real provider and its local backend, with
-real replica processes: the call counter and the clock are given, so a minute passes in a
+real replica processes: the latency histogram and the clock are given, so a minute passes in a
 tick. Without a profile: replicas on the rate, then scale to zero when idle. With a profile of
 this install's GPU model: the setting with the least footprint (a new share, its replicas
 replaced) and then more replicas of it; a profile of another model is not applied."""
@@ -31,18 +31,16 @@ from tests.conftest import (
 
 
 class Given:
-    """The call counter, the latency histogram and the clock the autoscaler reads, moved by
-    the test."""
+    """The latency histogram (the calls by how long they took) and the clock the autoscaler
+    reads, moved by the test."""
 
     def __init__(self) -> None:
         self.now = 0.0
-        self.calls: dict[str, float] = {}
         self.latencies: dict[str, dict[float, float]] = {}
 
     def serve(self, function: str, rps: float, seconds: float, slow: float = 0.0) -> None:
         """`rps` for `seconds`, `slow` of the calls answered in 0.2 s, the rest in 10 ms."""
         calls = rps * seconds
-        self.calls[function] = self.calls.get(function, 0.0) + calls
         buckets = self.latencies.setdefault(function, {0.01: 0.0, 0.2: 0.0, math.inf: 0.0})
         buckets[0.01] += calls * (1 - slow)
         buckets[0.2] += calls
@@ -77,7 +75,7 @@ async def test_replicas_follow_the_rate_then_go_to_zero_when_idle(
     await wait_available(client, "steer")
     given = Given()
     autoscaler = Autoscaler(
-        backend, lambda: given.calls, lambda: {"virtual"}, clock=lambda: given.now
+        backend, lambda: given.latencies, lambda: {"virtual"}, clock=lambda: given.now
     )
     caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
     await autoscaler.tick()
@@ -117,7 +115,7 @@ async def profiled(
 ) -> tuple[TestClient, Given, Autoscaler]:
     """STEER at 50% SMs with a 100 ms target and a profile made on `model` (req/s a replica
     at each SM partition of `measured`), and an autoscaler of this install (a virtual GPU)
-    with a given clock, call counter and latency histogram."""
+    with a given clock and latency histogram."""
     client, backend = await provider(aiohttp_client, settings)
     share = {"fastgshare/gpu_sm_partition": "50", "fastgshare/latency_slo_ms": "100"}
     assert await faas_cli_deploy(client, {**STEER, "annotations": share}) == 202
@@ -127,9 +125,8 @@ async def profiled(
     given = Given()
     autoscaler = Autoscaler(
         backend,
-        lambda: given.calls,
+        lambda: given.latencies,
         lambda: {"virtual"},
-        latencies=lambda: given.latencies,
         clock=lambda: given.now,
     )
     return client, given, autoscaler
@@ -215,7 +212,7 @@ async def test_either_backend_scales_as_the_autoscaler_decides(
     await wait_available(provider, "echo")
     given = Given()
     backend = provider.server.app[BACKEND]
-    autoscaler = Autoscaler(backend, lambda: given.calls, set, clock=lambda: given.now)
+    autoscaler = Autoscaler(backend, lambda: given.latencies, set, clock=lambda: given.now)
     caplog.set_level(logging.INFO, logger="fast_gshare.autoscaler")
     for _ in range(3):
         given.serve("echo.openfaas-fn", 50, 2.0)  # 50 req/s: past the most, 3

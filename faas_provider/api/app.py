@@ -42,11 +42,7 @@ def create_app(backend: Backend, settings: Settings) -> web.Application:
     app[RESOLVER] = Resolver(backend.endpoints)
     if settings.autoscale_tick_s is not None:
         autoscaler = Autoscaler(
-            backend,
-            metrics.calls,
-            metrics.gpu_models,
-            latencies=metrics.latencies,
-            tick_s=settings.autoscale_tick_s,
+            backend, metrics.latencies, metrics.gpu_models, tick_s=settings.autoscale_tick_s
         )
         metrics.registry.register(autoscaler.collector())
         app[AUTOSCALER] = autoscaler

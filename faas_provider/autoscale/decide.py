@@ -32,6 +32,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from faas_provider.errors import InvalidRequest
 from faas_provider.models import SCALE_MIN_LABEL, replica_label
@@ -279,12 +280,7 @@ class FunctionScaler:
 
     def _sample_before(self, time_: float) -> Sample:
         """The last sample recorded at or before `time_`, or the first one."""
-        found = self._counts[0] if self._counts else (time_, 0.0, 0.0)
-        for sample in self._counts:
-            if sample[0] > time_:
-                break
-            found = sample
-        return found
+        return _last_at(self._counts, time_) if self._counts else (time_, 0.0, 0.0)
 
     @staticmethod
     def _rate_between(start: Sample, end: Sample) -> float:
@@ -306,12 +302,7 @@ class FunctionScaler:
 
     def _ready_at(self, time_: float) -> int:
         """The replicas ready at the last decision at or before `time_` (or the first kept)."""
-        found = self._ready[0][1]
-        for at, ready in self._ready:
-            if at > time_:
-                break
-            found = ready
-        return found
+        return _last_at(self._ready, time_)[1]
 
     def _learn(self, now: float, ready: int, current: Setting | None) -> tuple[Learned, str] | None:
         """What the panic window teaches, and why: None unless more than SLOW_RATIO of its
@@ -402,6 +393,20 @@ class FunctionScaler:
             chosen = Plan(0, chosen.setting, 0.0, f"idle for {idle_s:.0f} s: scaled to zero")
         learned, why = lesson if lesson else (None, "")
         return Decision(chosen, panicking, stable, panic_rate, learned, why)
+
+
+Timed = TypeVar("Timed", bound=tuple[float, ...])
+
+
+def _last_at(entries: deque[Timed], time_: float) -> Timed:
+    """The last of `entries` (in time order, each led by its time) at or before `time_`, or
+    the first one."""
+    found = entries[0]
+    for entry in entries:
+        if entry[0] > time_:
+            break
+        found = entry
+    return found
 
 
 def _positive(labels: Mapping[str, str], label: str, default: float) -> float:

@@ -1,6 +1,7 @@
 """The autoscaler as it runs in the provider: every TICK_S it reads each autoscaled function's
-call counter (the provider's own, every worker's counts included), decides (decide.py) and
-applies the decision through the backend, so either backend scales the same way.
+calls by how long they took (the proxy's latency histogram, every worker's counts included),
+decides (decide.py) and applies the decision through the backend, so either backend scales
+the same way.
 
 A function is autoscaled when it asks for it: a latency target (`fastgshare/latency_slo_ms`),
 a most (`com.openfaas.scale.max`) or scale to zero (`com.openfaas.scale.zero=true`); others
@@ -8,10 +9,9 @@ keep the replicas they are given (the OpenFaaS scale API and the gateway's scale
 work for all). With a profile of the GPU model the install has, it picks the setting too: a
 new setting is a new share of the GPU, so it updates the function (its annotations), whose new
 replicas are ready before the old ones go, then scales. Without one it scales replicas alone,
-and says so once. It also reads how many calls were slower than the function's target (the
-proxy's latency histogram, at the largest bound at or below the target), from which the
-scaler learns what a replica serves here when that is less than the profile says. Every
-decision is a log line with its reason, and shows in /metrics.
+and says so once. The calls slower than the function's target (at the histogram's largest
+bound at or below it) are what the scaler learns from, when a replica serves less here than
+the profile says. Every decision is a log line with its reason, and shows in /metrics.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _slower_than(latencies: dict[float, float], target_s: float | None) -> float
     within = [bound for bound in latencies if target_s is not None and bound <= target_s]
     if not within:
         return 0.0
-    return latencies.get(math.inf, 0.0) - latencies[max(within)]
+    return latencies[math.inf] - latencies[max(within)]
 
 
 class Autoscaler:
@@ -113,19 +113,17 @@ class Autoscaler:
     def __init__(
         self,
         backend: Backend,
-        calls: Callable[[], dict[str, float]],
+        latencies: Callable[[], dict[str, dict[float, float]]],
         gpu_models: Callable[[], set[str]],
-        latencies: Callable[[], dict[str, dict[float, float]]] = dict,
         tick_s: float = TICK_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`calls`: each function's (`name.namespace`) calls answered so far; `gpu_models`:
-        the models of the install's GPUs; `latencies`: each function's calls answered so far
-        by bucket of how long they took (ProviderMetrics.latencies)."""
+        """`latencies`: each function's (`name.namespace`) calls answered so far by bucket of
+        how long they took, +Inf holding all (ProviderMetrics.latencies); `gpu_models`: the
+        models of the install's GPUs."""
         self._backend = backend
-        self._calls = calls
-        self._gpu_models = gpu_models
         self._latencies = latencies
+        self._gpu_models = gpu_models
         self._tick_s = tick_s
         self._clock = clock
         self._followed: dict[str, _Followed] = {}
@@ -152,7 +150,6 @@ class Autoscaler:
     async def tick(self) -> None:
         """One look at every autoscaled function, and what it asks of the backend."""
         now = self._clock()
-        calls = self._calls()
         latencies = self._latencies()
         seen = set()
         for namespace in await self._backend.list_namespaces():
@@ -161,9 +158,7 @@ class Autoscaler:
                     continue
                 function = f"{status.name}.{status.namespace}"
                 seen.add(function)
-                await self._follow(
-                    now, function, status, calls.get(function, 0.0), latencies.get(function, {})
-                )
+                await self._follow(now, function, status, latencies.get(function, {}))
         for gone in set(self._followed) - seen:
             del self._followed[gone]
 
@@ -172,7 +167,6 @@ class Autoscaler:
         now: float,
         function: str,
         status: FunctionStatus,
-        calls: float,
         latencies: dict[float, float],
     ) -> None:
         try:
@@ -185,6 +179,7 @@ class Autoscaler:
             followed = self._followed[function] = _Followed(FunctionScaler(bounds, []))
         followed.scaler.bounds = bounds
         await self._read_profile(now, function, status, followed)
+        calls = latencies.get(math.inf, 0.0)
         followed.scaler.observe(now, calls, _slower_than(latencies, followed.target_s))
         deployment = deployment_of(status)
         current = current_setting(deployment, followed.scaler.capacities)
