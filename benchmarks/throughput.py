@@ -300,7 +300,7 @@ def _sweep(
 
 def _deployment(args: argparse.Namespace, count: int, sm: int) -> dict[str, dict[str, Any]]:
     names = [f"resnet50-{index}" for index in range(count)] if count > 1 else ["resnet50"]
-    environment = {"max_batch_size": str(args.max_batch_size)} if args.max_batch_size else {}
+    environment = {"max_batch_size": str(args.max_batch_size)}
     return dict.fromkeys(names, _shared(sm, environment=environment))
 
 
@@ -427,7 +427,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds a point")
     parser.add_argument("--workers", type=int, default=4, help="the provider's --workers")
     parser.add_argument("--load-processes", type=int, default=7)
-    parser.add_argument("--max-batch-size", type=int, help="the functions' max_batch_size")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=16, help="the functions' max_batch_size (16)"
+    )
     parser.add_argument("--plot", action="store_true", help="only redraw the saved results")
     args = parser.parse_args()
     if args.plot:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any
 
@@ -130,17 +131,35 @@ def batch_sizes(largest: int) -> list[int]:
 SIZES = batch_sizes(LARGEST_BATCH)
 
 
+def crop(images: list[torch.Tensor]) -> torch.Tensor:
+    """Decoded images as one uint8 (N, 3, 224, 224) channels_last batch: each resized (shorter
+    side 256) and center-cropped, the images of one size resized together."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(position)
+    crops = torch.empty(
+        (len(images), 3, CROP, CROP), dtype=torch.uint8, device=images[0].device
+    ).contiguous(memory_format=torch.channels_last)
+    for positions in by_shape.values():
+        same = torch.stack([images[position] for position in positions])
+        crops[positions] = tf.center_crop(tf.resize(same, [RESIZE], antialias=True), [CROP, CROP])
+    return crops
+
+
+# Normalising is x / 255 - mean) / std per channel: one multiply-add, x * SCALE + SHIFT.
+SCALE = (1 / (255 * torch.tensor(STD))).view(1, 3, 1, 1).to(DEVICE, DTYPE)
+SHIFT = (-torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1).to(DEVICE, DTYPE)
+
+
 def prepare(images: list[torch.Tensor]) -> torch.Tensor:
-    """Decoded images as one batch for the model: each resized (shorter side 256) and
-    center-cropped to 224 x 224, normalised, padded with copies of the last one to the next of
-    SIZES (few shapes to warm up), BATCH copies of each, DTYPE, channels_last."""
-    crops = [
-        tf.center_crop(tf.resize(image, [RESIZE], antialias=True), [CROP, CROP]) for image in images
-    ]
+    """Decoded images as one batch for the model: cropped (`crop`), padded with copies of the
+    last one to the next of SIZES (the sizes warmed up), normalised, BATCH copies of each,
+    DTYPE, channels_last."""
+    crops = crop(images)
     padding = next((size for size in SIZES if size >= len(crops)), len(crops)) - len(crops)
-    crops += crops[-1:] * padding
-    batch = tf.normalize(tf.to_dtype(torch.stack(crops), torch.float32, scale=True), MEAN, STD)
-    batch = batch.repeat_interleave(BATCH, dim=0).to(DTYPE)
+    if padding:
+        crops = torch.cat([crops, crops[-1:].expand(padding, -1, -1, -1)])
+    batch = torch.addcmul(SHIFT, crops.to(DTYPE), SCALE).repeat_interleave(BATCH, dim=0)
     return batch.contiguous(memory_format=torch.channels_last)
 
 
@@ -153,18 +172,68 @@ def preprocess(body: bytes) -> torch.Tensor:
     return prepare([image])
 
 
+def top_k(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TOP_K probabilities and classes of every BATCH-th image in `batch`, on DEVICE."""
+    probabilities = MODEL(batch)[::BATCH].float().softmax(dim=1)
+    values, indices = probabilities.topk(TOP_K, dim=1)
+    return values, indices
+
+
+class GraphedTopK:
+    """`top_k` for each batch size, captured once as a CUDA graph. A replay launches the whole
+    forward pass at once, where eager mode launches each of its ~250 kernels from Python,
+    holding the interpreter lock that the runtime's HTTP server needs too; the wait for the
+    GPU releases it. One batch at a time: a graph's input and outputs are fixed buffers."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self._graphs: dict[
+            int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, ...]]
+        ] = {}
+        self._lock = threading.Lock()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        for size in sorted(sizes, reverse=True):  # the largest first: the others reuse its memory
+            static = torch.zeros((size * BATCH, 3, CROP, CROP), dtype=DTYPE, device=DEVICE)
+            static = static.contiguous(memory_format=torch.channels_last)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):  # cuDNN chooses its algorithms outside the capture
+                    top_k(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                outputs = top_k(static)
+            self._graphs[size * BATCH] = (graph, static, outputs)
+
+    def __call__(self, batch: torch.Tensor) -> tuple[list[list[float]], list[list[int]]] | None:
+        """The probabilities and classes of `batch`, or None when no graph has its size."""
+        captured = self._graphs.get(batch.shape[0])
+        if captured is None:
+            return None
+        graph, static, (values, indices) = captured
+        with self._lock:
+            static.copy_(batch)
+            graph.replay()
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()  # without the interpreter lock
+            return values.tolist(), indices.tolist()
+
+
 def classify(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
     """The TOP_K most probable ImageNet classes of every BATCH-th image in `batch`: one list
     per image given to `prepare`, in order, then one per padding copy."""
     with torch.inference_mode():
-        probabilities = MODEL(batch)[::BATCH].float().softmax(dim=1)
-        top = probabilities.topk(TOP_K, dim=1)
+        found = GRAPHS(batch) if GRAPHS is not None else None
+        if found is None:
+            values, indices = top_k(batch)
+            found = values.tolist(), indices.tolist()
     return [
         [
             {"class": index, "label": CATEGORIES[index], "probability": probability}
             for probability, index in zip(values, indices, strict=True)
         ]
-        for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        for values, indices in zip(*found, strict=True)
     ]
 
 
@@ -182,6 +251,7 @@ def warm_up() -> None:
 
 
 MODEL = load_model(os.environ.get("RESNET50_WEIGHTS"))
+GRAPHS = GraphedTopK(SIZES) if DEVICE.type == "cuda" else None
 warm_up()
 
 
