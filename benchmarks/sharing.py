@@ -844,7 +844,7 @@ def _charged_gpu_seconds(function: str) -> dict[str, float]:
     gate of `function`."""
     import socket
 
-    command, _ = next(_gates_of(function), (None, None))
+    _, command, _ = next(_gates_of(function), (None, None, None))
     if command is None:
         raise RuntimeError(f"no gate of {function} runs: no token service to ask")
     path = command[command.index("--token-socket") + 1]
@@ -1112,8 +1112,8 @@ def _wait_all_available(base: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
     raise RuntimeError(f"the functions were not all available again within {timeout_s:.0f} s")
 
 
-def _gates_of(function: str) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """The command line and environment of each running gate of `function`'s replicas."""
+def _gates_of(function: str) -> Iterator[tuple[int, list[str], dict[str, str]]]:
+    """The pid, command line and environment of each running gate of `function`'s replicas."""
     client = f"openfaas-fn/{function}-"
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -1123,7 +1123,7 @@ def _gates_of(function: str) -> Iterator[tuple[list[str], dict[str, str]]]:
             continue
         argv = command.split("\0")
         if "faas_provider.gate" in argv and any(a.startswith(client) for a in argv):
-            yield argv, dict(e.split("=", 1) for e in environ.split("\0") if "=" in e)
+            yield int(pid), argv, dict(e.split("=", 1) for e in environ.split("\0") if "=" in e)
 
 
 def _mps_daemon_of(function: str) -> Any:
@@ -1131,7 +1131,7 @@ def _mps_daemon_of(function: str) -> Any:
     `function`'s first replica, found through the environment of that replica's gate."""
     from faas_provider.gpu.mps import MpsDaemon
 
-    for _, env in _gates_of(function):
+    for _, _, env in _gates_of(function):
         if "CUDA_MPS_PIPE_DIRECTORY" in env:
             pipe_dir = Path(env["CUDA_MPS_PIPE_DIRECTORY"])  # <base>/gpu<index>/pipe
             index = int(pipe_dir.parent.name.removeprefix("gpu"))

@@ -39,13 +39,22 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sharing import REPO, _jpeg, _percentile_ms, _pyplot, _shared, provider, run_bare
+from sharing import (
+    REPO,
+    _gates_of,
+    _jpeg,
+    _percentile_ms,
+    _pyplot,
+    _shared,
+    provider,
+    run_bare,
+)
 
 from faas_provider.gate.gate import WAIT_TIMING
 
@@ -237,7 +246,7 @@ def show(point: dict[str, Any]) -> None:
 # --- finding the replicas and gates of a deployment -------------------------------------------
 
 
-def _listening_ports(pid: str) -> list[int]:
+def _listening_ports(pid: int) -> list[int]:
     """The TCP ports process `pid` listens on."""
     inodes = set()
     with contextlib.suppress(OSError):
@@ -259,21 +268,19 @@ def _listening_ports(pid: str) -> list[int]:
 def gates_and_replicas(names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """The URL of each function's gate and of the replica behind it (one replica each)."""
     gates, replicas = {}, {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            if "faas_provider.gate" not in argv:
-                continue
-            client = argv[argv.index("--client") + 1]  # namespace/name-N: one of its replicas
-            name = client.split("/", 1)[-1].rsplit("-", 1)[0]
-            if name in names:
-                (port,) = _listening_ports(pid)
-                gates[name] = f"http://127.0.0.1:{port}/"
-                replicas[name] = argv[argv.index("--upstream") + 1] + "/"
-    missing = sorted(set(names) - set(gates))
-    if missing:
-        raise RuntimeError(f"no gate found for {', '.join(missing)}")
+    for name in names:
+        pid, argv, _ = next(_gates_of(name), (0, [], {}))
+        if not pid:
+            raise RuntimeError(f"no gate found for {name}")
+        (port,) = _listening_ports(pid)
+        gates[name] = f"http://127.0.0.1:{port}/"
+        replicas[name] = argv[argv.index("--upstream") + 1] + "/"
     return gates, replicas
+
+
+def through_provider(base: str, names: Iterable[str]) -> dict[str, str]:
+    """The provider's invocation URL of each function."""
+    return {name: f"{base}/function/{name}" for name in names}
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -311,7 +318,7 @@ def shared(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     print(f"shared: deploying {len(functions)} functions at {args.sm_percent}% SMs", flush=True)
     with provider(functions) as base:
         gates, replicas = gates_and_replicas(list(functions))
-        full = {name: f"{base}/function/{name}" for name in functions}
+        full = through_provider(base, functions)
         yield from _sweep(args, {"direct": replicas, "gates": gates, "full-path": full}, body)
 
 
@@ -321,7 +328,7 @@ def workers(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     body = _jpeg()
     print(f"workers: deploying {len(functions)} functions, --workers {args.workers}", flush=True)
     with provider(functions, "--workers", str(args.workers)) as base:
-        full = {name: f"{base}/function/{name}" for name in functions}
+        full = through_provider(base, functions)
         yield from _sweep(args, {f"full-path, --workers {args.workers}": full}, body)
 
 
@@ -335,8 +342,7 @@ def alone(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     print("alone: deploying one function at 100% SMs", flush=True)
     with provider(functions) as base:
         _, replicas = gates_and_replicas(list(functions))
-        full = {"resnet50": f"{base}/function/resnet50"}
-        ways = {"alone, direct": replicas, "alone, full-path": full}
+        ways = {"alone, direct": replicas, "alone, full-path": through_provider(base, functions)}
         yield from _sweep(args, ways, body)
 
 

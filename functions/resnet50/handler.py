@@ -4,7 +4,8 @@ The model loads once, at import: in fp16 and channels_last on CUDA when there is
 in fp32 on the CPU; weights from the state_dict file named by RESNET50_WEIGHTS (saved with
 torch.save), else from a seeded random initialisation. A batch of images runs padded to the
 next power of two up to the runtime's `max_batch_size` (default 8: 1, 2, 4, 8), and at import
-one batch of each size is decoded and classified, which warms the decoders and the model.
+one batch of each size is decoded and classified, which warms the decoders and the model. On
+CUDA each batch size's forward pass is captured once as a CUDA graph and replayed.
 Request: a JPEG or PNG image as the body; response: `{"top5": [{"class": index, "label": name,
 "probability": p}, ...]}`, most probable first, or 400 with `{"error": what to fix}`.
 On a GPU, JPEGs are decoded there (nvJPEG, a batch at once) and every image is resized
@@ -146,7 +147,7 @@ def crop(images: list[torch.Tensor]) -> torch.Tensor:
     return crops
 
 
-# Normalising is x / 255 - mean) / std per channel: one multiply-add, x * SCALE + SHIFT.
+# Normalising is (x / 255 - mean) / std per channel: one multiply-add, x * SCALE + SHIFT.
 SCALE = (1 / (255 * torch.tensor(STD))).view(1, 3, 1, 1).to(DEVICE, DTYPE)
 SHIFT = (-torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1).to(DEVICE, DTYPE)
 
