@@ -307,7 +307,10 @@ def _sweep(
 
 def _deployment(args: argparse.Namespace, count: int, sm: int) -> dict[str, dict[str, Any]]:
     names = [f"resnet50-{index}" for index in range(count)] if count > 1 else ["resnet50"]
-    environment = {"max_batch_size": str(args.max_batch_size)}
+    environment = {
+        "max_batch_size": str(args.max_batch_size),
+        "batches_in_flight": str(args.batches_in_flight),
+    }
     return dict.fromkeys(names, _shared(sm, environment=environment))
 
 
@@ -435,6 +438,9 @@ def main() -> None:
     parser.add_argument("--load-processes", type=int, default=7)
     parser.add_argument(
         "--max-batch-size", type=int, default=16, help="the functions' max_batch_size (16)"
+    )
+    parser.add_argument(
+        "--batches-in-flight", type=int, default=2, help="the functions' batches_in_flight (2)"
     )
     parser.add_argument("--plot", action="store_true", help="only redraw the saved results")
     args = parser.parse_args()

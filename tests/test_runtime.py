@@ -263,6 +263,11 @@ def test_config_reads_the_watchdog_environment() -> None:
     assert config.max_batch_delay_s == pytest.approx(0.002)
     with pytest.raises(ValueError, match="max_batch_delay"):
         RuntimeConfig.from_env({"fprocess": "cat", "max_batch_delay": "soon"})
+    assert RuntimeConfig.from_env({"fprocess": "cat"}).batches_in_flight == 1
+    config = RuntimeConfig.from_env({"fprocess": "cat", "batches_in_flight": "2"})
+    assert config.batches_in_flight == 2
+    with pytest.raises(ValueError, match="batches_in_flight"):
+        RuntimeConfig.from_env({"fprocess": "cat", "batches_in_flight": "0"})
     with pytest.raises(ValueError, match="fprocess"):
         RuntimeConfig.from_env({})
 
@@ -527,6 +532,53 @@ async def test_requests_that_arrive_while_a_batch_runs_form_the_next_batch(
         alone = await call("alone")
         assert alone["batch"] == ["alone"]  # one request at a time waits for no other
         assert [len(batch) for batch in alone["seen"]] == [1, 4, 1, 1]
+
+
+OVERLAPPING_BATCH_HANDLER = """
+import threading
+import time
+
+lock = threading.Lock()
+running = most = 0
+
+
+def handle_batch(events, context):
+    global running, most
+    with lock:
+        running += 1
+        most = max(most, running)
+    time.sleep(float(events[0].body))
+    with lock:
+        running -= 1
+    return [{"body": {"size": len(events), "most": most}} for _ in events]
+"""
+
+
+async def test_with_two_batches_in_flight_a_batch_starts_while_another_runs(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    write(tmp_path / "handler.py", OVERLAPPING_BATCH_HANDLER)
+    env = {"max_batch_size": "4", "batches_in_flight": "2", "max_batch_delay": "0"}
+    async with running("--handler", str(tmp_path), env=env) as replica:
+        assert "2 call(s) at once" in replica.log
+
+        async def call(seconds: float) -> dict[str, Any]:
+            async with session.post(replica.url, data=str(seconds).encode()) as response:
+                assert response.status == 200, await response.text()
+                return await response.json()
+
+        slow = asyncio.create_task(call(0.8))
+        await asyncio.sleep(0.2)  # the first batch is running
+        started = time.monotonic()
+        beside = await asyncio.gather(*(call(0.2) for _ in range(4)))
+        assert time.monotonic() - started < 0.5  # they did not wait for the slow one
+        assert not slow.done()
+        assert max(answer["most"] for answer in beside) == 2
+        # Ten at once, the slow one still running: never more than two calls at a time.
+        many = await asyncio.gather(*(call(0.1) for _ in range(10)))
+        assert max(answer["most"] for answer in many) == 2
+        assert all(answer["size"] <= 4 for answer in many)
+        assert (await slow)["size"] == 1
 
 
 @pytest.mark.parametrize(("delay", "in_step"), [("400ms", True), ("0", False)])

@@ -11,7 +11,9 @@ Two ways to run a function:
   thread calls it with the requests that queued while the previous call ran (up to
   `max_batch_size`; a batch may wait up to `max_batch_delay` for requests that recent load
   says are coming), and it returns one result per event. A batch-1 model on a GPU is bound by
-  kernel launches, so a batch of concurrent requests costs about what one does.
+  kernel launches, so a batch of concurrent requests costs about what one does. With
+  `batches_in_flight` N > 1, up to N calls run at once, each on a thread of its own, so a
+  thread-safe handler prepares one batch while the GPU runs another.
 
 `GET /_/health` answers 200 once the function is loaded, and 503 from the moment a handler
 raised an error that says its GPU context is lost (runtime/lost_gpu.py): such a replica can
@@ -54,6 +56,7 @@ DEFAULT_EXEC_TIMEOUT_S = 30.0
 DEFAULT_HANDLER_THREADS = 4
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_BATCH_DELAY_S = 0.005
+DEFAULT_BATCHES_IN_FLIGHT = 1
 BATCH_MEMORY = 16  # batches over which a replica remembers how many requests it held at once
 PLAIN_TEXT = "text/plain; charset=utf-8"
 FLASK_DEFAULT_CONTENT_TYPE = "text/html; charset=utf-8"
@@ -106,6 +109,7 @@ class RuntimeConfig(BaseModel):
     max_inflight: int = Field(default=0, ge=0)
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
     max_batch_delay_s: float = Field(default=DEFAULT_MAX_BATCH_DELAY_S, ge=0)
+    batches_in_flight: int = Field(default=DEFAULT_BATCHES_IN_FLIGHT, ge=1)
     parent_pid: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
@@ -128,8 +132,8 @@ class RuntimeConfig(BaseModel):
         """The config from the command line's values and the watchdog variables in `environ`.
 
         `exec_timeout` of 0 (or negative) means no limit, as in the watchdogs. Raises ValueError
-        (a pydantic ValidationError for a bad `max_inflight`, `max_batch_size` or a negative
-        `max_batch_delay`) for an unreadable value.
+        (a pydantic ValidationError for a bad `max_inflight`, `max_batch_size`,
+        `batches_in_flight` or a negative `max_batch_delay`) for an unreadable value.
         """
         timeout = _read_duration(environ, "exec_timeout", DEFAULT_EXEC_TIMEOUT_S)
         return cls(
@@ -143,6 +147,7 @@ class RuntimeConfig(BaseModel):
             max_inflight=environ.get("max_inflight") or 0,
             max_batch_size=environ.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE,
             max_batch_delay_s=_read_duration(environ, "max_batch_delay", DEFAULT_MAX_BATCH_DELAY_S),
+            batches_in_flight=environ.get("batches_in_flight") or DEFAULT_BATCHES_IN_FLIGHT,
             parent_pid=parent_pid,
         )
 
@@ -322,9 +327,10 @@ def load_handler(handler_dir: Path) -> HandlerModule:
 
 async def load_handler_invoker(handler_dir: Path, config: RuntimeConfig) -> Invoker:
     """Import the handler on a thread (the server answers health checks meanwhile) and the
-    invoker for it: batches when it defines `handle_batch`, else a thread pool of
-    `max_inflight` threads (DEFAULT_HANDLER_THREADS without a limit) calling `handle`."""
-    loader = ThreadPoolExecutor(1, thread_name_prefix="handle")
+    invoker for it: batches when it defines `handle_batch` (on `batches_in_flight` threads,
+    the first of which imported it), else a thread pool of `max_inflight` threads
+    (DEFAULT_HANDLER_THREADS without a limit) calling `handle`."""
+    loader = ThreadPoolExecutor(config.batches_in_flight, thread_name_prefix="handle")
     module = await asyncio.get_running_loop().run_in_executor(loader, load_handler, handler_dir)
     # A full collection walks every object tracked (0.17 s with torch imported); what the
     # handler's import made lives as long as the process, so no collection walks it again.
@@ -333,9 +339,11 @@ async def load_handler_invoker(handler_dir: Path, config: RuntimeConfig) -> Invo
     context = Context(hostname=os.environ.get("HOSTNAME", "localhost"))
     if module.handle_batch is not None:
         log.info(
-            "Batching requests: up to %d a call of handle_batch(), waiting up to %gs to fill",
+            "Batching requests: up to %d a call of handle_batch(), waiting up to %gs to fill, "
+            "%d call(s) at once",
             config.max_batch_size,
             config.max_batch_delay_s,
+            config.batches_in_flight,
         )
         return BatchInvoker(module.handle_batch, loader, context, config)
     assert module.handle is not None
@@ -399,33 +407,36 @@ class HandlerInvoker:
 
 
 class BatchInvoker:
-    """batch handler mode: requests queue while `handle_batch` runs on its one thread; when it
-    is free, the next call takes up to `max_batch_size` of them, oldest first.
+    """batch handler mode: requests queue while `handle_batch` runs; when fewer than
+    `batches_in_flight` calls run, the next call takes up to `max_batch_size` of them, oldest
+    first, on a thread of its own.
 
     A batch waits to fill only for requests that recent load says are coming: the expected
-    size is the most requests the replica held at once during the last BATCH_MEMORY batches
-    (at most `max_batch_size`). Fewer waiting: the batch waits for that many, at most
-    `max_batch_delay`. Without the wait, a few closed-loop callers fall into step one behind
-    another and every batch holds one request; with it, the callers answered last get back
-    in time to share the next batch. A lone caller never waits. A request that times out
-    while queued is dropped from the queue.
+    size is the most requests the replica held at once during the last BATCH_MEMORY batches,
+    less those in the batches running, at most `max_batch_size`. Fewer waiting: the batch
+    waits for that many, at most `max_batch_delay`. Without the wait, a few closed-loop callers
+    fall into step one behind another and every batch holds one request; with it, the callers
+    answered last get back in time to share the next batch. A lone caller never waits. A
+    request that times out while queued is dropped from the queue.
     """
 
     def __init__(
         self,
         handle_batch: HandleBatch,
-        thread: ThreadPoolExecutor,
+        threads: ThreadPoolExecutor,
         context: Context,
         config: RuntimeConfig,
     ) -> None:
         self._handle_batch = handle_batch
-        self._thread = thread
+        self._threads = threads
         self._context = context
         self._timeout = config.exec_timeout_s
         self._max_batch_size = config.max_batch_size
         self._max_batch_delay_s = config.max_batch_delay_s
+        self._batches_in_flight = config.batches_in_flight
         self._queue: deque[tuple[Event, asyncio.Future[Any]]] = deque()
-        self._running = False
+        self._running = 0  # calls of handle_batch running
+        self._running_events = 0  # the requests in them
         self._filling: asyncio.TimerHandle | None = None  # set while a batch waits to fill
         self._held = 0  # requests received and not yet answered
         self._peak = 0  # the most held at once since the last batch started
@@ -441,17 +452,18 @@ class BatchInvoker:
         try:
             if self._filling is not None and len(self._queue) >= self._expected_size():
                 self._run_next_batch()
-            elif not self._running and self._filling is None:
+            elif self._running < self._batches_in_flight and self._filling is None:
                 self._start_filling()
             return await await_result(result, self._timeout)
         finally:
             self._held -= 1
 
     def _expected_size(self) -> int:
-        return min(self._max_batch_size, max(self._peak, max(self._peaks, default=0)))
+        held = max(self._peak, max(self._peaks, default=0))
+        return min(self._max_batch_size, max(1, held - self._running_events))
 
     def _start_filling(self) -> None:
-        """The thread is free: run the waiting requests now, or once the batch has had
+        """A thread is free: run the waiting requests now, or once the batch has had
         `max_batch_delay` to fill to its expected size."""
         if self._queue and self._max_batch_delay_s and len(self._queue) < self._expected_size():
             loop = asyncio.get_running_loop()
@@ -468,15 +480,18 @@ class BatchInvoker:
             event, result = self._queue.popleft()
             if not result.done():  # a cancelled one timed out while it waited
                 batch.append((event, result))
-        self._running = bool(batch)
         if batch:
+            self._running += 1
+            self._running_events += len(batch)
             self._peaks.append(self._peak)
             self._peak = self._held
             events = [event for event, _ in batch]
             call = asyncio.get_running_loop().run_in_executor(
-                self._thread, self._handle_batch, events, self._context
+                self._threads, self._handle_batch, events, self._context
             )
             call.add_done_callback(lambda done: self._deliver(batch, done))
+            if self._queue and self._running < self._batches_in_flight:
+                self._start_filling()
 
     def _deliver(
         self, batch: list[tuple[Event, asyncio.Future[Any]]], call: asyncio.Future[list[Any]]
@@ -500,12 +515,14 @@ class BatchInvoker:
                 result.set_exception(failure)
             else:
                 result.set_result(results[index])
-        self._running = False
-        self._start_filling()
+        self._running -= 1
+        self._running_events -= len(batch)
+        if self._filling is None:
+            self._start_filling()
 
     def close(self) -> None:
         """Drop queued requests; a running handle_batch() cannot be stopped."""
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._threads.shutdown(wait=False, cancel_futures=True)
         if self._filling is not None:
             self._filling.cancel()
         for _, result in self._queue:
