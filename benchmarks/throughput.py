@@ -2,7 +2,8 @@
 the bare batched ceiling, swept over the clients a function.
 
     python benchmarks/throughput.py [--settings ceiling shared workers alone] \\
-        [--clients 1 2 4 8 16 32] [--functions 7] [--sm-percent 14] [--seconds 8] [--workers 4]
+        [--clients 1 2 4 8 16 32] [--functions 7] [--sm-percent 14] [--seconds 8] [--workers 1] \\
+        [--max-batch-size 16] [--batches-in-flight 2]
 
 Settings (each request one 224 x 224 JPEG; closed-loop clients, --clients of them a function,
 spread over --load-processes processes; every point measured --seconds after a ramp):
@@ -12,8 +13,8 @@ spread over --load-processes processes; every point measured --seconds after a r
 - shared: --functions resnet50 functions at --sm-percent deployed on fast-gshare, and at each
   client count the same replicas called three ways: `direct` (the replica's runtime, no gate,
   no provider), `gates` (the replica's gate) and `full-path` (the provider's /function/ proxy,
-  then the gate).
-- workers: as full-path, the provider run with --workers.
+  on its default `--workers auto`, then the gate).
+- workers: as full-path, the provider run with --workers (default 1: one process).
 - alone: one function at 100% of the SMs, direct and through fast-gshare, and one bare MPS
   process at 100%, batch 16, beside it.
 
@@ -434,7 +435,7 @@ def main() -> None:
     parser.add_argument("--functions", type=int, default=7)
     parser.add_argument("--sm-percent", type=int, default=14)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds a point")
-    parser.add_argument("--workers", type=int, default=4, help="the provider's --workers")
+    parser.add_argument("--workers", type=int, default=1, help="the provider's --workers (1)")
     parser.add_argument("--load-processes", type=int, default=7)
     parser.add_argument(
         "--max-batch-size", type=int, default=16, help="the functions' max_batch_size (16)"

@@ -51,6 +51,8 @@ from faas_provider.stack import StackError, load_stack
 from faas_provider.top import top
 
 log = logging.getLogger("fast_gshare")
+CPUS_PER_WORKER = 4  # --workers auto: one provider process per this many CPUs
+MOST_AUTO_WORKERS = 8
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,9 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--workers",
-        type=int,
-        default=1,
-        help="processes serving the port (invocations use this many cores; default 1)",
+        type=_worker_count,
+        default="auto",
+        help="processes serving the port: invocations use this many cores (default auto: one "
+        f"per {CPUS_PER_WORKER} CPUs this process may run on, at most {MOST_AUTO_WORKERS})",
     )
     up.add_argument(
         "--autoscale-tick",
@@ -274,6 +277,25 @@ def _byte_count(text: str) -> int:
     return count
 
 
+def _worker_count(text: str) -> int:
+    """`--workers`: a number of processes from 1 to 64, or `auto` (`auto_workers`)."""
+    if text == "auto":
+        return auto_workers()
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: write auto or a number from 1 to 64")
+    return count
+
+
+def auto_workers() -> int:
+    """One provider process per CPUS_PER_WORKER CPUs this process may run on, from 1 to
+    MOST_AUTO_WORKERS: at load, the replicas, their gates and the callers need the rest."""
+    return max(1, min(MOST_AUTO_WORKERS, len(os.sched_getaffinity(0)) // CPUS_PER_WORKER))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `fast-gshare` console script."""
     args = _parser().parse_args(argv)
@@ -432,7 +454,12 @@ async def _up(
         await metrics_runner.setup()
         await web.TCPSite(metrics_runner, host, port).start()
         log.info("metrics also on http://%s:%d/metrics", host, port)
-    log.info("provider listening on %s (%s backend)", base, settings.backend)
+    log.info(
+        "provider listening on %s (%s backend, %d process(es) serving it)",
+        base,
+        settings.backend,
+        settings.workers,
+    )
     workers: WorkerPool | None = None
     control_socket = Path(tempfile.gettempdir()) / f"fast-gshare-{os.getpid()}.sock"
     if several:

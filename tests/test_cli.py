@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from faas_provider import __version__
+from faas_provider.cli import _parser
 from faas_provider.metrics import REPORT_INTERVAL_S
 from tests.conftest import REPO
 
@@ -237,3 +240,24 @@ def test_a_second_provider_on_the_same_state_directory_is_refused(tmp_path: Path
     assert done.returncode != 0
     assert "is in use by another fast-gshare provider" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (96, 8)])
+def test_workers_auto_is_one_process_per_four_cpus_from_one_to_eight(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, workers: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert _parser().parse_args(["up"]).workers == workers
+    assert _parser().parse_args(["up", "--workers", "auto"]).workers == workers
+    assert _parser().parse_args(["up", "--workers", "3"]).workers == 3
+
+
+@pytest.mark.parametrize("value", ["0", "65", "many"])
+def test_a_bad_workers_value_says_what_to_write(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["up", "--workers", value])
+    assert f"argument --workers: {value!r}: write auto or a number from 1 to 64" in (
+        capsys.readouterr().err
+    )
