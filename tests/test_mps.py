@@ -19,7 +19,7 @@ FAKE = str(Path(__file__).parent / "fixtures" / "fake-mps-control")
 UUID = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
 
 
-async def eventually(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
+async def eventually(condition: Callable[[], object], timeout_s: float = 15.0) -> None:
     """Wait until `condition()` (a value or an awaitable) is true."""
     deadline = time.monotonic() + timeout_s
     while True:
