@@ -1129,13 +1129,15 @@ def _gates_of(function: str) -> Iterator[tuple[int, list[str], dict[str, str]]]:
 def _mps_daemon_of(function: str) -> Any:
     """The MPS control daemon (an MpsDaemon) that the provider runs for the GPU of
     `function`'s first replica, found through the environment of that replica's gate."""
+    from faas_provider.gpu.discovery import discover_gpus
     from faas_provider.gpu.mps import MpsDaemon
 
     for _, _, env in _gates_of(function):
         if "CUDA_MPS_PIPE_DIRECTORY" in env:
-            pipe_dir = Path(env["CUDA_MPS_PIPE_DIRECTORY"])  # <base>/gpu<index>/pipe
-            index = int(pipe_dir.parent.name.removeprefix("gpu"))
-            return MpsDaemon(index, env["CUDA_VISIBLE_DEVICES"], pipe_dir.parents[1])
+            pipe_dir = Path(env["CUDA_MPS_PIPE_DIRECTORY"])  # <base>/<short GPU id>/pipe
+            uuid = env["CUDA_VISIBLE_DEVICES"]
+            index = next(gpu.index for gpu in discover_gpus() if gpu.uuid == uuid)
+            return MpsDaemon(index, uuid, pipe_dir.parents[1])
     raise RuntimeError(f"no gate of {function} whose GPU has an MPS daemon")
 
 
