@@ -3,7 +3,7 @@ the bare batched ceiling, swept over the clients a function.
 
     python benchmarks/throughput.py [--settings ceiling shared workers alone] \\
         [--clients 1 2 4 8 16 32] [--functions 7] [--sm-percent 14] [--seconds 8] [--workers 1] \\
-        [--max-batch-size 16] [--batches-in-flight 2]
+        [--max-batch-size 16] [--batches-in-flight 1]
 
 Settings (each request one 224 x 224 JPEG; closed-loop clients, --clients of them a function,
 spread over --load-processes processes; every point measured --seconds after a ramp):
@@ -511,7 +511,7 @@ def main() -> None:
         "--max-batch-size", type=int, default=16, help="the functions' max_batch_size (16)"
     )
     parser.add_argument(
-        "--batches-in-flight", type=int, default=2, help="the functions' batches_in_flight (2)"
+        "--batches-in-flight", type=int, default=1, help="the functions' batches_in_flight (1)"
     )
     parser.add_argument("--plot", action="store_true", help="only redraw the saved results")
     args = parser.parse_args()
