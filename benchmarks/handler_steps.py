@@ -35,6 +35,7 @@ from sharing import REPO, _jpeg
 RESULTS = REPO / "benchmarks" / "results" / "handler_steps.json"
 HANDLER = REPO / "functions" / "resnet50" / "handler.py"
 PROFILED_OPERATORS = 12
+PROFILED_CALLS = 20
 
 
 def load_handler(max_batch_size: int) -> Any:
@@ -72,7 +73,7 @@ def measure(handler: Any, size: int, repeats: int, body: bytes) -> list[dict[str
     bodies = [body] * size
     images = handler.decode(bodies)
     batch = handler.prepare(images)
-    answers = handler.handle_batch([_Event(body) for body in bodies], None)
+    answers = handler.handle_batch([_event(body) for body in bodies], None)
     steps: dict[str, Callable[[], Any]] = {
         "decode": lambda: handler.decode(bodies),
         "decode on CPU": lambda: [
@@ -81,7 +82,7 @@ def measure(handler: Any, size: int, repeats: int, body: bytes) -> list[dict[str
         "prepare": lambda: handler.prepare(images),
         "classify": lambda: handler.classify(batch),
         "answers": lambda: [build_response(answer) for answer in answers],
-        "handle_batch": lambda: handler.handle_batch([_Event(body) for body in bodies], None),
+        "handle_batch": lambda: handler.handle_batch([_event(body) for body in bodies], None),
     }
     rows = []
     for name, step in steps.items():
@@ -103,15 +104,23 @@ def measure(handler: Any, size: int, repeats: int, body: bytes) -> list[dict[str
     return rows
 
 
-class _Event:
-    """The part of the runtime's event that the handler reads."""
+def _event(body: bytes) -> Any:
+    """A POST of `body` as the runtime hands it to the handler."""
+    from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
-    def __init__(self, body: bytes) -> None:
-        self.body = body
+    from faas_provider.runtime.watchdog import Event
+
+    return Event(
+        body=body,
+        headers=CIMultiDictProxy(CIMultiDict({"Content-Type": "image/jpeg"})),
+        method="POST",
+        query=MultiDictProxy(MultiDict()),
+        path="/",
+    )
 
 
 def profile(handler: Any, size: int, body: bytes) -> list[dict[str, Any]]:
-    """The torch profiler's busiest operators over 20 calls of `handle_batch` on `size`
+    """The torch profiler's busiest operators over PROFILED_CALLS calls of `handle_batch` on `size`
     images, by their own CPU time."""
     import torch
     from torch.profiler import ProfilerActivity
@@ -119,24 +128,24 @@ def profile(handler: Any, size: int, body: bytes) -> list[dict[str, Any]]:
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    events = [_Event(body) for _ in range(size)]
+    events = [_event(body) for _ in range(size)]
     with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(20):
+        for _ in range(PROFILED_CALLS):
             handler.handle_batch(events, None)
     averages = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     top = [
         {
             "operator": event.key,
             "calls": event.count,
-            "self_cpu_ms": event.self_cpu_time_total / 1000 / 20,
-            "device_ms": getattr(event, "self_device_time_total", 0.0) / 1000 / 20,
+            "self_cpu_ms": event.self_cpu_time_total / 1000 / PROFILED_CALLS,
+            "device_ms": getattr(event, "self_device_time_total", 0.0) / 1000 / PROFILED_CALLS,
         }
         for event in averages[:PROFILED_OPERATORS]
     ]
     print(f"busiest operators, a batch of {size} (own CPU ms a call of handle_batch):")
     for entry in top:
         print(
-            f"  {entry['operator'][:48]:<48} {entry['calls'] / 20:6.1f} calls "
+            f"  {entry['operator'][:48]:<48} {entry['calls'] / PROFILED_CALLS:6.1f} calls "
             f"CPU {entry['self_cpu_ms']:.3f} ms, device {entry['device_ms']:.3f} ms"
         )
     return top
