@@ -381,6 +381,7 @@ def _deployment(args: argparse.Namespace, count: int, sm: int) -> dict[str, dict
     environment = {
         "max_batch_size": str(args.max_batch_size),
         "batches_in_flight": str(args.batches_in_flight),
+        "RESNET50_GPU_WAIT": args.gpu_wait,
     }
     return dict.fromkeys(names, _shared(sm, environment=environment))
 
@@ -512,6 +513,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--batches-in-flight", type=int, default=1, help="the functions' batches_in_flight (1)"
+    )
+    parser.add_argument(
+        "--gpu-wait", choices=["block", "spin"], default="block", help="RESNET50_GPU_WAIT (block)"
     )
     parser.add_argument("--plot", action="store_true", help="only redraw the saved results")
     args = parser.parse_args()

@@ -13,7 +13,9 @@ there, which leaves the CPU, shared by the replicas on that GPU, little to do. f
 runtime calls `handle_batch` with the requests that arrived together and classifies them in one
 forward pass; `handle` serves one request where a runtime knows only that. RESNET50_BATCH=N
 (default 1) runs each image as N copies, to make a request saturate a GPU share in sharing
-experiments.
+experiments. RESNET50_GPU_WAIT says how a replica waits for its forward pass: `block` (the
+default) sleeps until the GPU signals, `spin` polls the GPU on a CPU core, a little sooner
+but holding that core, which the other replicas of a shared GPU need.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ SEND = "send the bytes of a JPEG or PNG image as the body"
 
 BATCH = int(os.environ.get("RESNET50_BATCH", "1"))
 LARGEST_BATCH = int(os.environ.get("max_batch_size") or 8)  # the runtime's largest batch
+GPU_WAITS = {"spin": False, "block": True}  # RESNET50_GPU_WAIT -> a blocking CUDA event
+GPU_WAIT = os.environ.get("RESNET50_GPU_WAIT", "block")
+if GPU_WAIT not in GPU_WAITS:
+    raise ValueError(f"RESNET50_GPU_WAIT is {GPU_WAIT!r}; set it to one of {', '.join(GPU_WAITS)}")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
 
@@ -191,6 +197,7 @@ class GraphedTopK:
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, ...]]
         ] = {}
         self._lock = threading.Lock()
+        self._done = torch.cuda.Event(blocking=GPU_WAITS[GPU_WAIT])
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         for size in sorted(sizes, reverse=True):  # the largest first: the others reuse its memory
@@ -215,9 +222,8 @@ class GraphedTopK:
         with self._lock:
             static.copy_(batch)
             graph.replay()
-            done = torch.cuda.Event()
-            done.record()
-            done.synchronize()  # without the interpreter lock
+            self._done.record()
+            self._done.synchronize()  # without the interpreter lock
             return values.tolist(), indices.tolist()
 
 
