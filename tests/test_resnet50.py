@@ -132,6 +132,20 @@ def test_anything_but_an_image_is_refused(handler: ModuleType, body: bytes, mess
     assert ".cpp" not in error
 
 
+def test_the_gpu_wait_blocks_unless_told_to_spin(handler: ModuleType) -> None:
+    assert handler.GPU_WAIT == "block"
+    assert handler.GPU_WAITS == {"spin": False, "block": True}  # torch.cuda.Event(blocking=...)
+
+
+def test_an_unknown_gpu_wait_stops_the_import_naming_the_choices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RESNET50_GPU_WAIT", "sleep")
+    choices = "RESNET50_GPU_WAIT is 'sleep'; set it to one of spin, block"
+    with pytest.raises(ValueError, match=choices):
+        import_handler("resnet50", "RESNET50_WEIGHTS")
+
+
 def test_weights_come_from_the_file_named(
     handler: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
