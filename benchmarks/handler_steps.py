@@ -9,8 +9,9 @@ Steps (functions/resnet50/handler.py): `decode` (nvJPEG on the GPU, the batch at
 lists), `answers` (each result as the runtime's JSON response). Per step: the process's CPU
 time and the wall time (the GPU synchronised after each step), per batch and per image, mean
 over --repeats batches of the body every throughput request sends. Run on the GPU alone, not
-under MPS. The CPU time includes CUDA's spin while a step waits for the GPU, as a replica's
-thread spins.
+under MPS. The CPU time includes CUDA's spin where a step waits for the GPU spinning (the
+synchronisation after each step, and the replay's wait with RESNET50_GPU_WAIT=spin; by default
+that wait sleeps).
 
 Prints progress and a table; writes benchmarks/results/handler_steps.json.
 """
