@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import sys
@@ -31,10 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sharing import REPO, _jpeg
+from sharing import REPO, _jpeg, import_resnet50_handler
 
 RESULTS = REPO / "benchmarks" / "results" / "handler_steps.json"
-HANDLER = REPO / "functions" / "resnet50" / "handler.py"
 PROFILED_OPERATORS = 12
 PROFILED_CALLS = 20
 
@@ -43,11 +41,7 @@ def load_handler(max_batch_size: int) -> Any:
     """functions/resnet50/handler.py imported with the runtime's `max_batch_size`; the import
     loads the model, captures its graphs and warms up."""
     os.environ["max_batch_size"] = str(max_batch_size)
-    spec = importlib.util.spec_from_file_location("resnet50_handler", HANDLER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_resnet50_handler()
 
 
 def timed(step: Callable[[], Any], repeats: int, synchronize: Callable[[], None]) -> dict:

@@ -63,6 +63,20 @@ def _send(message: dict[str, Any]) -> None:
     print(json.dumps(message), flush=True)
 
 
+def import_resnet50_handler() -> Any:
+    """functions/resnet50/handler.py as a module; the import loads the model, captures its
+    graphs and warms up."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "handler", REPO / "functions" / "resnet50" / "handler.py"
+    )
+    assert spec is not None and spec.loader is not None
+    handler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(handler)
+    return handler
+
+
 def worker(through_handler: bool = False, batch: int = 1) -> None:
     """One process of a mode: load and warm ResNet-50, report ready, wait at the barrier for
     `{"start", "end"}` (time.monotonic, shared by all processes), then infer until `end`, on
@@ -75,14 +89,7 @@ def worker(through_handler: bool = False, batch: int = 1) -> None:
 
     loading = time.monotonic()
     if through_handler:  # the function's own work: decode, preprocess, infer, top-5
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "handler", REPO / "functions" / "resnet50" / "handler.py"
-        )
-        assert spec is not None and spec.loader is not None
-        handler = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(handler)
+        handler = import_resnet50_handler()
         body = _jpeg()
 
         def infer() -> None:
